@@ -1,0 +1,1 @@
+"""ROS 2 nodes of the VLA stack. Only this package imports rclpy."""

@@ -1,0 +1,122 @@
+"""The Gymnasium environment: a Panda on a table, one language-conditioned task per instance."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import gymnasium as gym
+import numpy as np
+import pybullet as p
+
+from sim.config import SimConfig
+from sim.contracts import action_space, clip_action, observation_space
+from sim.robot import HAND_LINK, Panda
+from sim.scene import Scene
+from sim.sensors import SCENE_EYE, SCENE_TARGET, Camera, Imu, wrist_view
+from sim.tasks import make_task
+
+VIDEO_SIZE = 256
+
+
+class VLAEnv(gym.Env):
+    """Observations and actions follow sim.contracts. Each reset rebuilds the world from scratch
+    (resetSimulation), so an episode depends only on its seed: info["seed"] replays it."""
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
+
+    def __init__(self, task: str = "reach", config: SimConfig | None = None, render_mode: str | None = None, **overrides):
+        config = config or SimConfig()
+        if overrides:
+            config = dataclasses.replace(config, **overrides)
+        if render_mode not in (None, "rgb_array"):
+            raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
+        self.config, self.render_mode = config, render_mode
+        self.task = make_task(task)
+        self.max_steps = config.max_steps or self.task.max_steps
+        self.observation_space = observation_space(config.image_size, config.imu_window, config.wrist_camera)
+        self.action_space = action_space()
+        self.client = p.connect(p.GUI if config.gui else p.DIRECT)
+        self.camera = Camera(self.client, config.image_size, shadows=config.shadows)
+        self._seeds = np.random.default_rng()
+        self.episode_seed: int | None = None
+        self.instruction = ""
+
+    # ---- gymnasium API --------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        if seed is not None:
+            self._seeds = np.random.default_rng(seed)
+            self.episode_seed = int(seed)
+        else:
+            self.episode_seed = int(self._seeds.integers(2**31))
+        rng = np.random.default_rng(self.episode_seed)
+        self._build_world(rng)
+        self.steps = 0
+        self._settle()
+        return self._observation(), self._info(False)
+
+    def step(self, action):
+        action = clip_action(action)
+        self.robot.command(action)
+        self._simulate(self.config.substeps)
+        self.steps += 1
+        success = self.task.success(self.scene, self.robot.ee_pose()[0], self.robot.body)
+        truncated = self.steps >= self.max_steps and not success
+        return self._observation(), float(success), success, truncated, self._info(success)
+
+    def render(self):
+        if self.render_mode == "rgb_array":
+            return self.camera.render(VIDEO_SIZE)
+        return None
+
+    def close(self):
+        if p.isConnected(self.client):
+            p.disconnect(self.client)
+
+    # ---- internals ------------------------------------------------------------------------
+    def _build_world(self, rng: np.random.Generator) -> None:
+        c, cfg = self.client, self.config
+        p.resetSimulation(physicsClientId=c)
+        p.setGravity(0, 0, -9.81, physicsClientId=c)
+        p.setTimeStep(1.0 / cfg.physics_hz, physicsClientId=c)
+        p.setPhysicsEngineParameter(deterministicOverlappingPairs=1, physicsClientId=c)
+        self.scene = Scene(c)
+        self.scene.build_table()
+        self.robot = Panda(c)
+        colours = list(cfg.colours)
+        self.instruction = self.task.build(self.scene, rng, colours, cfg.randomize_shades)
+        jitter = rng.uniform(-cfg.camera_jitter, cfg.camera_jitter, (2, 3)) if cfg.camera_jitter else np.zeros((2, 3))
+        self.camera.look_at(SCENE_EYE + jitter[0], SCENE_TARGET + jitter[1])
+        if cfg.randomize_lighting:
+            self.camera.light_direction = tuple(rng.uniform([-1, -1, 0.6], [1, 1, 1.4]))
+            self.camera.light_colour = tuple(rng.uniform(0.75, 1.0, 3))
+        self.imu = Imu(c, self.robot.body, HAND_LINK, cfg.imu_hz, cfg.imu_window, rng, cfg.imu_noise)
+        self._imu_every = cfg.physics_hz // cfg.imu_hz
+
+    def _settle(self) -> None:
+        """Let objects come to rest and fill the IMU window before the first observation."""
+        samples_per_step = self.config.substeps // self._imu_every
+        self._simulate(self.config.substeps * max(1, math.ceil(self.config.imu_window / samples_per_step)))
+
+    def _simulate(self, substeps: int) -> None:
+        for k in range(1, substeps + 1):
+            p.stepSimulation(physicsClientId=self.client)
+            if k % self._imu_every == 0:
+                self.imu.sample()
+
+    def _observation(self) -> dict:
+        obs = {
+            "image": self.camera.render(),
+            "state": self.robot.state(),
+            "imu": self.imu.window(),
+            "instruction": self.instruction,
+        }
+        if self.config.wrist_camera:
+            saved = self.camera.view
+            self.camera.look_at(*wrist_view(*self.robot.ee_pose()))
+            obs["wrist_image"] = self.camera.render()
+            self.camera.view = saved
+        return obs
+
+    def _info(self, success: bool) -> dict:
+        return {"success": success, "is_success": success, "task": self.task.name, "seed": self.episode_seed, "steps": self.steps}

@@ -1,0 +1,177 @@
+"""Scripted experts: closed-loop state machines over privileged simulator state.
+
+They emit the same 7-D actions a learned policy does, so their episodes are training data.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pybullet as p
+
+from sim.contracts import ACTION_HIGH, ACTION_LOW, MAX_TRANSLATION
+from sim.scene import BIN_HEIGHT, CUBE_HALF
+from sim.tasks import Pick, Place, Push, Reach
+
+OPEN, CLOSED = 1.0, 0.0
+HOVER = 0.10  # approach height above the table
+
+
+def _wrap(angle: float, period: float) -> float:
+    """Angle wrapped into [-period/2, period/2)."""
+    return (angle + period / 2) % period - period / 2
+
+
+class ScriptedExpert:
+    """Call reset() after env.reset(), then act(obs) each step."""
+
+    def __init__(self, env):
+        self.env = env.unwrapped
+
+    def reset(self, instruction: str = "") -> None:
+        self.phase, self.wait = 0, 0
+
+    def act(self, obs=None) -> np.ndarray:
+        task = self.env.task
+        if isinstance(task, Reach):
+            return self._reach(task)
+        if isinstance(task, Place):
+            return self._place(task)
+        if isinstance(task, Pick):
+            return self._pick(task)
+        if isinstance(task, Push):
+            return self._push(task)
+        raise TypeError(f"no scripted expert for task {task.name!r}")
+
+    # ---- motion primitives ----------------------------------------------------------------
+    def _pose(self):
+        pos, quat = self.env.robot.ee_pose()
+        rot = np.array(p.getMatrixFromQuaternion(quat)).reshape(3, 3)
+        return pos, rot
+
+    def _gripper_yaw(self) -> float:
+        rot = self._pose()[1]
+        return float(np.arctan2(rot[1, 0], rot[0, 0]))
+
+    def _aligned_yaw(self, obj) -> float:
+        """The gripper yaw closest to the current one that puts the fingers across a cube's faces."""
+        current = self._gripper_yaw()
+        return current + _wrap(self.env.scene.yaw(obj) - current, np.pi / 2)
+
+    def _move(self, target, gripper: float, yaw: float | None = None, speed: float = MAX_TRANSLATION) -> np.ndarray:
+        pos, rot = self._pose()
+        yaw = self._gripper_yaw() if yaw is None else yaw
+        c, s = np.cos(yaw), np.sin(yaw)
+        desired = np.array([[c, s, 0], [s, -c, 0], [0, 0, -1.0]])  # pointing down, x axis at `yaw`
+        rotvec = _rotation_vector(desired @ rot.T)
+        action = np.zeros(7, dtype=np.float32)
+        action[:3] = np.clip(np.asarray(target) - pos, -speed, speed)
+        action[3:6] = rotvec
+        action[6] = gripper
+        return np.clip(action, ACTION_LOW, ACTION_HIGH)
+
+    def _near(self, target, tolerance: float) -> bool:
+        return bool(np.linalg.norm(self._pose()[0] - np.asarray(target)) < tolerance)
+
+    # ---- tasks ----------------------------------------------------------------------------
+    def _reach(self, task: Reach) -> np.ndarray:
+        obj = self.env.scene.position(task.target)
+        top = obj + [0, 0, task.target.half_height + 0.005]
+        if self.phase == 0:
+            above = top + [0, 0, 0.06]
+            if self._near(above, 0.02):
+                self.phase = 1
+            return self._move(above, OPEN)
+        return self._move(top, OPEN)
+
+    def _grasp(self, cube) -> np.ndarray | None:
+        """Phases 0-2 of picking `cube`; returns None once it is held."""
+        pos = self.env.scene.position(cube)
+        yaw = self._aligned_yaw(cube)
+        if self.phase == 0:  # above the cube, fingers open and aligned
+            above = [pos[0], pos[1], HOVER]
+            yaw_ok = abs(_wrap(yaw - self._gripper_yaw(), 2 * np.pi)) < 0.08
+            if self._near(above, 0.015) and yaw_ok:
+                self.phase = 1
+            return self._move(above, OPEN, yaw)
+        if self.phase == 1:  # down around it
+            target = [pos[0], pos[1], max(pos[2] - 0.005, 0.012)]
+            if self._near(target, 0.008):
+                self.phase, self.wait = 2, 0
+            return self._move(target, OPEN, yaw)
+        if self.phase == 2:  # close and let the fingers settle
+            self.wait += 1
+            if self.wait >= 3:
+                self.phase = 3
+            return self._move(self._pose()[0], CLOSED)
+        if pos[2] < CUBE_HALF + 0.005 and self._pose()[0][2] > pos[2] + 0.04:
+            self.phase = 0  # it slipped out: start over
+            return self._move(self._pose()[0], OPEN)
+        return None
+
+    def _pick(self, task: Pick) -> np.ndarray:
+        action = self._grasp(task.target)
+        if action is not None:
+            return action
+        pos = self.env.scene.position(task.target)
+        return self._move([pos[0], pos[1], 0.2], CLOSED)
+
+    def _place(self, task: Place) -> np.ndarray:
+        if self.phase < 6:
+            action = self._grasp(task.target)
+            if action is not None:
+                return action
+        box = self.env.scene.position(task.bin)
+        ee = self._pose()[0]
+        if self.phase == 3:  # lift clear of the walls
+            if ee[2] > 0.12:
+                self.phase = 4
+            return self._move([ee[0], ee[1], 0.16], CLOSED)
+        if self.phase == 4:  # carry over the bin
+            above = [box[0], box[1], 0.16]
+            if self._near(above, 0.015):
+                self.phase = 5
+            return self._move(above, CLOSED)
+        if self.phase == 5:  # lower into it
+            inside = [box[0], box[1], BIN_HEIGHT + 0.04]
+            if self._near(inside, 0.01):
+                self.phase, self.wait = 6, 0
+            return self._move(inside, CLOSED)
+        self.wait += 1  # release, then back off upwards
+        return self._move([box[0], box[1], 0.2 if self.wait > 3 else ee[2]], OPEN)
+
+    def _push(self, task: Push) -> np.ndarray:
+        cube = self.env.scene.position(task.target)[:2]
+        ee = self._pose()[0]
+        to_goal = task.goal - cube
+        if np.linalg.norm(to_goal) < 0.01:
+            return self._move(ee, CLOSED)
+        u = to_goal / np.linalg.norm(to_goal)
+        behind = cube - u * (CUBE_HALF + 0.03)
+        offset = ee[:2] - cube
+        lateral = offset - offset.dot(u) * u
+        if self.phase == 0:  # above the spot behind the cube
+            target = [*behind, HOVER]
+            if self._near(target, 0.015):
+                self.phase = 1
+            return self._move(target, CLOSED)
+        if self.phase == 1:  # down to the table
+            target = [*behind, 0.02]
+            if self._near(target, 0.01):
+                self.phase = 2
+            return self._move(target, CLOSED)
+        if np.linalg.norm(lateral) > 0.025 or offset.dot(u) > -0.01:
+            self.phase = 3  # off the line: go up and approach again
+        if self.phase == 3:
+            if ee[2] > HOVER - 0.02:
+                self.phase = 0
+            return self._move([ee[0], ee[1], HOVER], CLOSED)
+        target_xy = ee[:2] + 0.025 * u - lateral
+        return self._move([*target_xy, 0.02], CLOSED)
+
+
+def _rotation_vector(rot: np.ndarray) -> np.ndarray:
+    """Axis * angle of a rotation matrix."""
+    angle = np.arccos(np.clip((np.trace(rot) - 1) / 2, -1, 1))
+    if angle < 1e-6:
+        return np.zeros(3)
+    axis = np.array([rot[2, 1] - rot[1, 2], rot[0, 2] - rot[2, 0], rot[1, 0] - rot[0, 1]]) / (2 * np.sin(angle))
+    return axis * angle

@@ -1,0 +1,145 @@
+"""Language-conditioned tasks: each builds its scene, phrases an instruction and judges success.
+
+Every task puts objects of other colours beside the one it names, so the instruction matters.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pybullet as p
+
+from sim.scene import (
+    BIN_HEIGHT, BIN_INNER_HALF, CUBE_HALF, SHAPES, Scene, SceneObject, sample_positions, shade,
+)
+
+PUSH_DISTANCE = 0.12
+PUSH_DIRECTIONS = {  # name -> (unit vector in the base frame, phrasings)
+    "left": ((0.0, 1.0), ("to the left", "left", "leftwards")),
+    "right": ((0.0, -1.0), ("to the right", "right", "rightwards")),
+    "forward": ((1.0, 0.0), ("forward", "away from the robot", "to the far side")),
+    "back": ((-1.0, 0.0), ("back", "towards the robot", "to the near side")),
+}
+PLACE_REGION = (np.array([0.34, -0.30]), np.array([0.72, 0.30]))
+
+
+class Task:
+    name: str
+    max_steps: int
+    templates: tuple[str, ...]
+
+    def __init__(self):
+        self.target: SceneObject | None = None
+
+    def build(self, scene: Scene, rng: np.random.Generator, colours, shades: bool) -> str:
+        """Add the task's objects to the scene and return the instruction."""
+        raise NotImplementedError
+
+    def success(self, scene: Scene, ee_position: np.ndarray, gripper_body: int) -> bool:
+        raise NotImplementedError
+
+    def phrase(self, rng: np.random.Generator, **words) -> str:
+        return self.templates[rng.integers(len(self.templates))].format(**words)
+
+
+def _cubes(scene, rng, colours, shades, positions) -> list[SceneObject]:
+    chosen = rng.choice(len(colours), size=len(positions), replace=False)
+    return [
+        scene.add_object("cube", colours[i], shade(rng, colours[i], shades), xy, rng.uniform(-np.pi / 4, np.pi / 4))
+        for i, xy in zip(chosen, positions)
+    ]
+
+
+class Reach(Task):
+    name, max_steps = "reach", 40
+    templates = ("touch the {colour} {shape}", "reach the {colour} {shape}",
+                 "move to the {colour} {shape}", "put the gripper on the {colour} {shape}")
+    TOUCH_DISTANCE = 0.05  # grasp point to object centre
+
+    def build(self, scene, rng, colours, shades):
+        positions = sample_positions(rng, 3, 0.1)
+        chosen = rng.choice(len(colours), size=3, replace=False)
+        objects = [
+            scene.add_object(SHAPES[rng.integers(len(SHAPES))], colours[i], shade(rng, colours[i], shades), xy, rng.uniform(-np.pi, np.pi))
+            for i, xy in zip(chosen, positions)
+        ]
+        self.target = objects[0]
+        return self.phrase(rng, colour=self.target.colour, shape=self.target.shape)
+
+    def success(self, scene, ee_position, gripper_body):
+        return bool(np.linalg.norm(scene.position(self.target) - ee_position) < self.TOUCH_DISTANCE)
+
+
+class Pick(Task):
+    name, max_steps = "pick", 60
+    templates = ("pick up the {colour} cube", "lift the {colour} cube",
+                 "grasp the {colour} cube and lift it", "raise the {colour} block")
+    LIFT = 0.06
+
+    def build(self, scene, rng, colours, shades):
+        self.target = _cubes(scene, rng, colours, shades, sample_positions(rng, 3, 0.1))[0]
+        return self.phrase(rng, colour=self.target.colour)
+
+    def success(self, scene, ee_position, gripper_body):
+        return bool(scene.position(self.target)[2] > CUBE_HALF + self.LIFT)
+
+
+class Push(Task):
+    name, max_steps = "push", 80
+    templates = ("push the {colour} cube {place}", "slide the {colour} cube {place}",
+                 "nudge the {colour} block {place}")
+    GOAL_TOLERANCE = 0.04
+
+    def build(self, scene, rng, colours, shades):
+        while True:
+            positions = sample_positions(rng, 3, 0.1)
+            direction = list(PUSH_DIRECTIONS)[rng.integers(len(PUSH_DIRECTIONS))]
+            unit = np.array(PUSH_DIRECTIONS[direction][0])
+            goal = positions[0] + PUSH_DISTANCE * unit
+            behind = positions[0] - 0.06 * unit
+            if self._clear(goal, behind, positions[1:]):
+                break
+        self.goal, self.direction = goal, unit
+        self.target = _cubes(scene, rng, colours, shades, positions)[0]
+        self._add_goal_marker(scene, goal)
+        phrasings = PUSH_DIRECTIONS[direction][1]
+        return self.phrase(rng, colour=self.target.colour, place=phrasings[rng.integers(len(phrasings))])
+
+    @staticmethod
+    def _clear(goal, behind, others) -> bool:
+        inside = np.all(goal >= [0.32, -0.3]) and np.all(goal <= [0.74, 0.3]) and behind[0] > 0.3
+        return bool(inside and all(np.linalg.norm(o - goal) > 0.09 and np.linalg.norm(o - behind) > 0.08 for o in others))
+
+    @staticmethod
+    def _add_goal_marker(scene: Scene, goal) -> None:
+        vis = p.createVisualShape(p.GEOM_CYLINDER, radius=0.03, length=0.001, rgbaColor=(0.95, 0.95, 0.95, 1), physicsClientId=scene.client)
+        p.createMultiBody(0, -1, vis, basePosition=(goal[0], goal[1], 0.0005), physicsClientId=scene.client)
+
+    def success(self, scene, ee_position, gripper_body):
+        return bool(np.linalg.norm(scene.position(self.target)[:2] - self.goal) < self.GOAL_TOLERANCE)
+
+
+class Place(Task):
+    name, max_steps = "place", 100
+    templates = ("put the {colour} cube in the {bin_colour} bin", "place the {colour} cube into the {bin_colour} bin",
+                 "drop the {colour} block in the {bin_colour} box")
+
+    def build(self, scene, rng, colours, shades):
+        positions = sample_positions(rng, 5, 0.13, *PLACE_REGION)
+        bin_colours = rng.choice(len(colours), size=2, replace=False)
+        bins = [scene.add_bin(colours[i], shade(rng, colours[i], shades), xy) for i, xy in zip(bin_colours, positions[:2])]
+        self.target = _cubes(scene, rng, colours, shades, positions[2:])[0]
+        self.bin = bins[0]
+        return self.phrase(rng, colour=self.target.colour, bin_colour=self.bin.colour)
+
+    def success(self, scene, ee_position, gripper_body):
+        cube, box = scene.position(self.target), scene.position(self.bin)
+        inside = np.all(np.abs(cube[:2] - box[:2]) < BIN_INNER_HALF) and cube[2] < BIN_HEIGHT
+        return bool(inside and not scene.in_contact(self.target.body, gripper_body))
+
+
+TASKS: dict[str, type[Task]] = {t.name: t for t in (Reach, Pick, Push, Place)}
+
+
+def make_task(name: str) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
+    return TASKS[name]()

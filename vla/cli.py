@@ -1,0 +1,59 @@
+"""The `vla` command: one subcommand per job. Each lives in its own module, imported on use so
+that `vla sim` does not pay for importing torch."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module with add_arguments(parser) and run(args), one-line help)
+COMMANDS = {
+    "demo": ("vla.demo", "run the shipped checkpoint closed-loop in sim (success table + video)"),
+    "sim": ("vla.rollout", "run a policy (expert, random, replay, a checkpoint) in sim for N episodes"),
+    "collect": ("vla.episodes.collect", "record sim episodes as rosbag2 (MCAP) directories"),
+    "dataset": ("vla.episodes.inspect", "info | stats | video | plot of a recorded dataset"),
+    "replay": ("vla.episodes.replay", "re-execute a recorded episode in sim and report divergence"),
+    "train": ("vla.train", "train a VLA policy from a YAML recipe"),
+    "eval": ("vla.evaluate", "closed-loop evaluation of a checkpoint on held-out seeds"),
+    "export": ("vla.runtime.export", "export a checkpoint to ONNX and validate it"),
+}
+
+
+class CLIError(Exception):
+    """A user-facing error: printed without a traceback, exit code 2."""
+
+
+def build_parser(command: str) -> argparse.ArgumentParser:
+    module_name, help_text = COMMANDS[command]
+    parser = argparse.ArgumentParser(prog=f"vla {command}", description=help_text)
+    importlib.import_module(module_name).add_arguments(parser)
+    return parser
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: vla <command> [options]   (vla <command> --help for its options)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_text}" for name, (_, help_text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"vla: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    args = build_parser(command).parse_args(rest)
+    try:
+        result = importlib.import_module(COMMANDS[command][0]).run(args)
+    except (CLIError, ValueError, FileNotFoundError) as exc:
+        print(f"vla {command}: error: {exc}", file=sys.stderr)
+        return 2
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

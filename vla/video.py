@@ -1,0 +1,40 @@
+"""Writing rollout videos (mp4 through imageio-ffmpeg, or gif) with text overlays."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import imageio.v2 as imageio
+import numpy as np
+
+
+def annotate(frame: np.ndarray, lines: list[str], colour=(255, 255, 255)) -> np.ndarray:
+    """Draw text lines at the top-left of an RGB frame, on a dark band so they stay readable."""
+    out = np.ascontiguousarray(frame).copy()
+    scale = max(out.shape[0] / 512, 0.3)
+    height = int(18 * scale) + 4
+    cv2.rectangle(out, (0, 0), (out.shape[1], height * len(lines) + 4), (0, 0, 0), -1)
+    for i, line in enumerate(lines):
+        cv2.putText(out, line, (4, height * (i + 1)), cv2.FONT_HERSHEY_SIMPLEX, 0.5 * scale, colour, 1, cv2.LINE_AA)
+    return out
+
+
+def upscale(frame: np.ndarray, size: int) -> np.ndarray:
+    return cv2.resize(frame, (size, size), interpolation=cv2.INTER_NEAREST) if frame.shape[0] != size else frame
+
+
+def write_video(path: str | Path, frames: list[np.ndarray], fps: int = 10) -> Path:
+    """Write frames to .mp4 or .gif (chosen by the suffix); returns the path."""
+    path = Path(path)
+    if not frames:
+        raise ValueError(f"no frames to write to {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".gif":
+        imageio.mimsave(path, frames, duration=1000 / fps, loop=0)
+    elif path.suffix == ".mp4":
+        with imageio.get_writer(path, fps=fps, codec="libx264", quality=7, macro_block_size=16) as writer:
+            for frame in frames:
+                writer.append_data(frame)
+    else:
+        raise ValueError(f"video path must end in .mp4 or .gif, got {path}")
+    return path

@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 import pybullet as p
 
-from sim.contracts import STATE_DIM, WORKSPACE_HIGH, WORKSPACE_LOW
+from sim.contracts import WORKSPACE_HIGH, WORKSPACE_LOW
+from sim.kinematics import state_from_joints
 
 # Visual meshes are the stock collision meshes (~3.4k triangles in all instead of ~100k):
 # the CPU renderer's cost is dominated by triangles at small image sizes.
@@ -44,20 +45,14 @@ class Panda:
         state = p.getLinkState(self.body, EE_LINK, computeForwardKinematics=1, physicsClientId=self.client)
         return np.array(state[4]), np.array(state[5])
 
-    def gripper_width(self) -> float:
-        states = p.getJointStates(self.body, FINGER_JOINTS, physicsClientId=self.client)
-        return float(states[0][0] + states[1][0])
+    def joint_positions(self) -> tuple[list[float], list[float]]:
+        states = p.getJointStates(self.body, ARM_JOINTS + FINGER_JOINTS, physicsClientId=self.client)
+        q = [s[0] for s in states]
+        return q[:7], q[7:]
 
     def state(self) -> np.ndarray:
-        joints = p.getJointStates(self.body, ARM_JOINTS + FINGER_JOINTS, physicsClientId=self.client)
-        q = [s[0] for s in joints]
-        pos, quat = self.ee_pose()
-        out = np.empty(STATE_DIM, dtype=np.float32)
-        out[:7] = q[:7]
-        out[7] = q[7] + q[8]
-        out[8:11] = pos
-        out[11:15] = quat
-        return out
+        """The observation `state`, computed from joint positions exactly as from /joint_states."""
+        return state_from_joints(*self.joint_positions())
 
     def command(self, action: np.ndarray) -> None:
         """Set joint targets for an end-effector delta (base frame) and a gripper opening in [0, 1]."""

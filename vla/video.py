@@ -11,11 +11,11 @@ import numpy as np
 def annotate(frame: np.ndarray, lines: list[str], colour=(255, 255, 255)) -> np.ndarray:
     """Draw text lines at the top-left of an RGB frame, on a dark band so they stay readable."""
     out = np.ascontiguousarray(frame).copy()
-    scale = max(out.shape[0] / 512, 0.3)
-    height = int(18 * scale) + 4
+    scale = out.shape[0] / 256
+    height = int(14 * scale) + 2
     cv2.rectangle(out, (0, 0), (out.shape[1], height * len(lines) + 4), (0, 0, 0), -1)
     for i, line in enumerate(lines):
-        cv2.putText(out, line, (4, height * (i + 1)), cv2.FONT_HERSHEY_SIMPLEX, 0.5 * scale, colour, 1, cv2.LINE_AA)
+        cv2.putText(out, line, (4, height * (i + 1)), cv2.FONT_HERSHEY_SIMPLEX, 0.4 * scale, colour, 1, cv2.LINE_AA)
     return out
 
 

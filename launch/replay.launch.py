@@ -1,0 +1,31 @@
+"""Replay a recorded episode with its original timing (like `ros2 bag play`).
+
+    ros2 launch launch/replay.launch.py bag:=datasets/ros/episode_000000 [rate:=0.5]
+
+Parameters come from the package's config/replay.yaml; bag (required) and rate override it.
+"""
+from pathlib import Path
+
+import yaml
+from ament_index_python.packages import get_package_share_directory
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.substitutions import LaunchConfiguration
+from launch_ros.actions import Node
+
+CONFIG = Path(get_package_share_directory("vla_ros")) / "config"
+
+
+def nodes(context):
+    rate = LaunchConfiguration("rate").perform(context)
+    given = {"bag": LaunchConfiguration("bag").perform(context)} | ({"rate": float(yaml.safe_load(rate))} if rate else {})
+    return [Node(package="vla_ros", executable="replay_node", name="replay_node", output="screen",
+                 parameters=[str(CONFIG / "replay.yaml"), given])]
+
+
+def generate_launch_description():
+    return LaunchDescription([
+        DeclareLaunchArgument("bag", description="episode: rosbag2 directory or .mcap file"),
+        DeclareLaunchArgument("rate", default_value="", description="playback speed factor (default: its YAML)"),
+        OpaqueFunction(function=nodes),
+    ])

@@ -1,0 +1,45 @@
+"""policy_node for a real robot, its topics remapped to the robot's drivers.
+
+    ros2 launch launch/robot.launch.py camera:=/camera/color/image_raw joint_states:=/franka/joint_states \
+        imu:=/wrist_imu/data cmd_twist:=/servo_node/delta_twist_cmds [policy:=/path/to/checkpoint] [device:=cuda]
+    ros2 lifecycle set /policy_node activate      # the model is loaded at start; this starts control
+    ros2 service call /policy_node/enable std_srvs/srv/SetBool "{data: false}"   # e-stop: zero twist
+
+Parameters come from the package's config/policy_robot.yaml; policy, device, backend and
+image_transport (raw | compressed) override it when given. MoveIt Servo: the twist is stamped with
+the camera frame it answers, so set Servo's incoming_command_timeout above one control period plus
+the camera-to-command latency.
+"""
+from pathlib import Path
+
+import yaml
+from ament_index_python.packages import get_package_share_directory
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.substitutions import LaunchConfiguration
+from launch_ros.actions import Node
+
+CONFIG = Path(get_package_share_directory("vla_ros")) / "config"
+TOPICS = {"camera": "/camera/image_raw", "joint_states": "/joint_states", "imu": "/imu/data",
+          "instruction": "/vla/instruction", "cmd_twist": "/vla/cmd_twist", "gripper": "/vla/gripper",
+          "action": "/vla/action"}
+OVERRIDES = ("policy", "device", "backend", "image_transport")
+
+
+def nodes(context):
+    given = {name: LaunchConfiguration(name).perform(context) for name in OVERRIDES}
+    remappings = [(topic, LaunchConfiguration(name).perform(context)) for name, topic in TOPICS.items()]
+    # image_transport's compressed topic follows the camera's remapping
+    remappings.append((TOPICS["camera"] + "/compressed", LaunchConfiguration("camera").perform(context) + "/compressed"))
+    return [Node(package="vla_ros", executable="policy_node", name="policy_node", output="screen",
+                 parameters=[str(CONFIG / "policy_robot.yaml"),
+                             {name: yaml.safe_load(value) for name, value in given.items() if value}],
+                 remappings=remappings)]
+
+
+def generate_launch_description():
+    arguments = [DeclareLaunchArgument(name, default_value=topic, description=f"topic of {name}")
+                 for name, topic in TOPICS.items()]
+    arguments += [DeclareLaunchArgument(name, default_value="", description="policy_node parameter (default: its YAML)")
+                  for name in OVERRIDES]
+    return LaunchDescription(arguments + [OpaqueFunction(function=nodes)])

@@ -1,0 +1,121 @@
+"""ROS messages <-> the observation and action arrays of sim.contracts.
+
+Message layouts and field conversions are defined once in vla.episodes.topics (shared with the bag
+writer and reader); this module adds what nodes facing real sensors need: strict validation (every
+problem is an InputError that the policy node holds on, never an exception that stops it),
+compressed images and resizing to the model's input.
+"""
+from __future__ import annotations
+
+import importlib
+
+import cv2
+import numpy as np
+from geometry_msgs.msg import TwistStamped
+from sensor_msgs.msg import CompressedImage, Image, Imu, JointState
+from std_msgs.msg import Float32MultiArray, Float64
+
+from sim.contracts import clip_action
+from vla.episodes import topics as T
+
+
+class InputError(ValueError):
+    """A message the policy cannot use; the text says why (logged and shown in diagnostics)."""
+
+
+def fill(msg, fields: dict):
+    """Set `msg`'s fields from a nested dict as built by vla.episodes.topics.*_fields(); returns msg."""
+    types = msg.get_fields_and_field_types()
+    for name, value in fields.items():
+        if isinstance(value, dict):
+            fill(getattr(msg, name), value)
+        elif isinstance(value, list) and value and isinstance(value[0], dict):  # sequence of messages
+            item_type = message_class(types[name][len("sequence<"):-1])
+            setattr(msg, name, [fill(item_type(), item) for item in value])
+        elif isinstance(value, np.ndarray) and value.dtype == np.uint8:
+            setattr(msg, name, value.tobytes())  # one copy; a numpy array would be set element by element
+        else:
+            setattr(msg, name, value)
+    return msg
+
+
+def message_class(msgtype: str):
+    """The rclpy class of 'pkg/msg/Name' or 'pkg/Name'."""
+    package, *_, name = msgtype.split("/")
+    return getattr(importlib.import_module(f"{package}.msg"), name)
+
+
+def stamp_ns(msg) -> int:
+    return T.stamp_from_header(msg.header)
+
+
+# ---- inputs of the policy ----------------------------------------------------------------------
+def model_image(rgb: np.ndarray, size: int) -> np.ndarray:
+    """Resize to the model's size x size input as the training index does (vla.episodes.reader:
+    INTER_AREA, no crop), so that a robot camera feeds the model what it was trained on."""
+    if rgb.shape[:2] == (size, size):
+        return rgb
+    return cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
+
+
+def image_input(msg: Image, size: int) -> np.ndarray:
+    """The model's image from a sensor_msgs/Image of any size in T.IMAGE_ENCODINGS."""
+    if msg.encoding.lower() not in T.IMAGE_ENCODINGS:
+        raise InputError(f"unsupported encoding {msg.encoding!r} (supported: {', '.join(T.IMAGE_ENCODINGS)})")
+    if msg.height == 0 or msg.width == 0 or len(msg.data) != msg.step * msg.height:
+        raise InputError(f"inconsistent image: {msg.width}x{msg.height}, step {msg.step}, {len(msg.data)} bytes "
+                         f"(expected step x height)")
+    try:
+        return model_image(T.image_from_msg(msg), size)
+    except ValueError as exc:  # step shorter than a row
+        raise InputError(str(exc)) from None
+
+
+def compressed_input(msg: CompressedImage, size: int) -> np.ndarray:
+    """The model's image from a jpeg or png sensor_msgs/CompressedImage (image_transport 'compressed':
+    format like 'bgr8; jpeg compressed bgr8'; colour data is always stored as BGR)."""
+    fmt = msg.format.lower()
+    if not any(kind in fmt for kind in ("jpeg", "jpg", "png")) or "compresseddepth" in fmt:
+        raise InputError(f"unsupported compressed format {msg.format!r} (jpeg or png)")
+    bgr = cv2.imdecode(np.frombuffer(msg.data, dtype=np.uint8), cv2.IMREAD_COLOR) if len(msg.data) else None
+    if bgr is None:
+        raise InputError(f"cannot decode {len(msg.data)} bytes of {msg.format!r}")
+    return model_image(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), size)
+
+
+def state_input(msg: JointState) -> np.ndarray:
+    """The observation `state` from /joint_states (Panda joints matched by name; others ignored)."""
+    if len(msg.position) != len(msg.name):
+        raise InputError(f"joint_states has {len(msg.name)} names but {len(msg.position)} positions")
+    try:
+        state = T.state_from_msg(msg)
+    except ValueError as exc:  # missing joints
+        raise InputError(str(exc)) from None
+    if not np.all(np.isfinite(state)):
+        raise InputError("joint_states has NaN or inf positions")
+    return state
+
+
+def imu_input(msg: Imu) -> np.ndarray:
+    """One (ax, ay, az, gx, gy, gz) sample."""
+    sample = T.imu_sample_from_msg(msg)
+    if not np.all(np.isfinite(sample)):
+        raise InputError("IMU sample has NaN or inf values")
+    return sample
+
+
+# ---- commands ------------------------------------------------------------------------------------
+def action_messages(action: np.ndarray, rate_hz: float, stamp: int, frame_id: str):
+    """(raw action, gripper, twist) for a clamped action; twist = per-step delta * rate_hz."""
+    twist = fill(TwistStamped(), T.twist_fields(action, rate_hz, stamp))
+    twist.header.frame_id = frame_id
+    return fill(Float32MultiArray(), T.action_fields(action)), fill(Float64(), T.gripper_fields(action)), twist
+
+
+def command_action(twist, gripper: float, rate_hz: float) -> np.ndarray:
+    """The action a robot executes for a twist and gripper command, clamped to the limits; a
+    non-finite command is an InputError."""
+    try:
+        return clip_action(T.action_from_twist(twist, gripper, rate_hz))
+    except ValueError as exc:
+        raise InputError(str(exc)) from None

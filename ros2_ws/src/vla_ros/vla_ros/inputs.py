@@ -1,0 +1,64 @@
+"""The policy node's inputs and their watchdog: the newest valid message of each stream, and the
+reason the policy must hold (an input missing, stale or invalid), if there is one."""
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+from vla_ros.conversions import InputError
+
+STREAMS = ("camera", "joint_states", "imu")
+
+
+class Inputs:
+    def __init__(self, imu_window: int, max_age_ns: int):
+        self.max_age_ns = max_age_ns
+        self.values: dict[str, np.ndarray] = {}  # camera: model image, joint_states: state
+        self.imu: deque[np.ndarray] = deque(maxlen=imu_window)
+        self.stamps: dict[str, int] = {}  # newest valid message per stream, ns
+        self.errors: dict[str, str] = {}  # why the newest message of a stream (or instruction) was rejected
+        self.instruction: str | None = None
+
+    def update(self, stream: str, stamp: int, convert) -> bool:
+        """Take a stream's new message through `convert()`; an InputError marks the stream invalid
+        until its next good message. Returns whether the message was good."""
+        try:
+            value = convert()
+        except InputError as exc:
+            self.errors[stream] = str(exc)
+            return False
+        self.errors.pop(stream, None)
+        if stream == "imu":
+            self.imu.append(value)
+        else:
+            self.values[stream] = value
+        self.stamps[stream] = stamp
+        return True
+
+    def problem(self, now_ns: int) -> tuple[str, str] | None:
+        """(kind, text) of the first reason to hold, or None. `kind` stays the same while the reason
+        persists (the node logs each kind once); `text` is for people."""
+        for stream in ("instruction",) + STREAMS:
+            if stream in self.errors:
+                return f"{stream}:invalid", f"{stream}: {self.errors[stream]}"
+        if self.instruction is None:
+            return "instruction:missing", "no instruction received"
+        for stream in STREAMS:
+            if stream not in self.stamps:
+                return f"{stream}:missing", f"no {stream} message received"
+            age = now_ns - self.stamps[stream]
+            if age > self.max_age_ns:
+                return f"{stream}:stale", f"{stream} is {age / 1e6:.0f} ms old (limit {self.max_age_ns / 1e6:.0f} ms)"
+        if len(self.imu) < self.imu.maxlen:
+            return "imu:window", f"IMU window has {len(self.imu)} of {self.imu.maxlen} samples"
+        return None
+
+    def synchronized(self, after_ns: int) -> bool:
+        """A camera frame newer than `after_ns` has arrived, and joint states and IMU at least as new."""
+        image = self.stamps.get("camera", -1)
+        return image > after_ns and min(self.stamps.get("joint_states", -1), self.stamps.get("imu", -1)) >= image
+
+    def observation(self) -> dict:
+        return {"image": self.values["camera"], "state": self.values["joint_states"],
+                "imu": np.asarray(self.imu, dtype=np.float32), "instruction": self.instruction}

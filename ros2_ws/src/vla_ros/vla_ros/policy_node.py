@@ -1,0 +1,335 @@
+"""policy_node: a VLA policy closing the loop over ROS 2, as a lifecycle node.
+
+configure loads the policy, activate starts control, deactivate stops it with a zero twist
+(`autostart` chooses where it gets at start). In: the camera (sensor_msgs/Image, or
+CompressedImage on `<camera_topic>/compressed` with image_transport: compressed), /joint_states,
+/imu/data, /vla/instruction (every message starts a new episode: policy.reset). Out: /vla/action
+(the clamped 7-D action), /vla/gripper, /vla/cmd_twist (stamped with the camera frame the command was
+computed from, so commands can be matched to observations and latency measured), /diagnostics.
+~/enable (std_srvs/SetBool) is the e-stop. Whenever an input is missing, stale or invalid, or the
+node is disabled, it holds: zero twist and the last gripper command, every control period.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from geometry_msgs.msg import TwistStamped
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from sensor_msgs.msg import CompressedImage, Image, Imu, JointState
+from std_msgs.msg import Float32MultiArray, Float64, String
+from std_srvs.srv import SetBool
+
+from policies import CHECKPOINT_DIR, load_policy
+from sim.contracts import clip_action
+from vla.episodes.topics import BASE_FRAME, TOPICS
+from vla_ros import params, qos
+from vla_ros.conversions import action_messages, compressed_input, image_input, imu_input, stamp_ns, state_input
+from vla_ros.inputs import Inputs
+from vla_ros.runner import run
+
+PARAMETERS = {
+    "policy": ("default", "'random', a checkpoint directory, or the name of a checkpoint in policies/checkpoints"),
+    "device": ("cpu", "cpu | cuda | cuda:N"),
+    "backend": ("torch", "torch | onnx"),
+    "seed": (0, "seed of the random policy"),
+    "control_rate_hz": (10.0, "control rate: the timer trigger's rate, the watchdog's rate, missed-cycle accounting"),
+    "trigger": ("timer", "timer: act every control period on the newest inputs; image: act on each new camera "
+                         "frame as soon as joint states and IMU at least as new have arrived"),
+    "action_rate_hz": (10.0, "rate the policy's per-step deltas were trained at: twist = delta * action_rate_hz"),
+    "max_input_age": (0.0, "hold when an input is older than this [s]; 0: two control periods"),
+    "image_size": (96, "the model's (square) image input; camera images are converted and resized to it"),
+    "image_transport": ("raw", "raw: sensor_msgs/Image on camera_topic; "
+                               "compressed: sensor_msgs/CompressedImage (jpeg/png) on camera_topic + '/compressed'"),
+    "imu_window": (12, "IMU samples per observation (the newest ones)"),
+    "frame_id": (BASE_FRAME, "frame of the twist (the robot base)"),
+    "autostart": ("active", "lifecycle state to reach at start: active (configure and activate), inactive "
+                            "(configure: load the model, then wait for activate), or unconfigured"),
+    "diagnostics_period": (1.0, "seconds between /diagnostics messages"),
+    "camera_topic": (TOPICS["image"], "camera input"),
+    "joint_states_topic": (TOPICS["joint_states"], "joint states input"),
+    "imu_topic": (TOPICS["imu"], "IMU input"),
+    "instruction_topic": (TOPICS["instruction"], "instruction input (std_msgs/String)"),
+    "twist_topic": (TOPICS["cmd_twist"], "end-effector velocity command (geometry_msgs/TwistStamped)"),
+    "gripper_topic": (TOPICS["gripper"], "gripper command in [0, 1], 1 = open (std_msgs/Float64)"),
+    "action_topic": (TOPICS["action"], "the 7-D action (std_msgs/Float32MultiArray)"),
+}
+
+
+def check(cfg) -> None:
+    """Raise ValueError naming the first parameter with an unusable value."""
+    choices = {"backend": ("torch", "onnx"), "trigger": ("timer", "image"), "image_transport": ("raw", "compressed")}
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"parameter {name}={getattr(cfg, name)!r}: use one of {allowed}")
+    if cfg.device != "cpu" and not cfg.device.startswith("cuda"):
+        raise ValueError(f"parameter device={cfg.device!r}: use cpu, cuda or cuda:N")
+    positive = {"control_rate_hz": cfg.control_rate_hz, "action_rate_hz": cfg.action_rate_hz,
+                "imu_window": cfg.imu_window, "diagnostics_period": cfg.diagnostics_period}
+    for name, value in positive.items():
+        if value <= 0:
+            raise ValueError(f"parameter {name}={value} must be positive")
+    if cfg.max_input_age < 0 or cfg.image_size < 16:
+        raise ValueError("parameters max_input_age must be >= 0 and image_size >= 16")
+
+
+def resolve_policy(spec: str) -> str:
+    """The load_policy() spec for 'random', a checkpoint directory or a shipped checkpoint's name."""
+    if spec == "random" or Path(spec).is_dir():
+        return spec
+    if (CHECKPOINT_DIR / spec).is_dir():
+        return str(CHECKPOINT_DIR / spec)
+    raise ValueError(f"policy {spec!r} is not 'random', a checkpoint directory, or a checkpoint in {CHECKPOINT_DIR}")
+
+
+class Stats:
+    """Command rate, latency (camera stamp -> command published), inference time and missed control
+    cycles (periods without a command while controlling; time spent holding is not counted)."""
+
+    def __init__(self, period_ns: int):
+        self.period_ns = period_ns
+        self.missed = 0
+        self.last_command: int | None = None
+        self.latencies: list[float] = []
+        self.inference: list[float] = []
+
+    def command(self, now_ns: int, camera_stamp: int, inference_s: float) -> None:
+        if self.last_command is not None and now_ns - self.last_command > 1.5 * self.period_ns:
+            self.missed += round((now_ns - self.last_command) / self.period_ns) - 1
+        self.last_command = now_ns
+        self.latencies.append((now_ns - camera_stamp) / 1e6)
+        self.inference.append(inference_s * 1e3)
+
+    def hold(self) -> None:
+        self.last_command = None
+
+    def report(self, period_s: float) -> dict[str, str]:
+        """Figures since the previous report."""
+        def percentile(values, q):
+            return f"{np.percentile(values, q):.2f}" if values else "n/a"
+
+        figures = {"rate_hz": f"{len(self.latencies) / period_s:.2f}",
+                   "latency_p50_ms": percentile(self.latencies, 50), "latency_p99_ms": percentile(self.latencies, 99),
+                   "inference_p50_ms": percentile(self.inference, 50), "missed_cycles": str(self.missed)}
+        self.latencies, self.inference = [], []
+        return figures
+
+
+class PolicyNode(LifecycleNode):
+    def __init__(self):
+        super().__init__("policy_node")
+        self.cfg = params.declare(self, PARAMETERS)
+        self.policy = None
+        self.inputs: Inputs | None = None
+        self.active = False
+        self.enabled = True
+        self.failure = ""  # why the last configure failed
+        self.hold_kind: str | None = None  # the reason currently held for, logged once per kind
+        self.hold_text = ""
+        self.gripper: float | None = None  # last gripper command, kept while holding
+        self.last_frame = -1  # image trigger: stamp of the last camera frame that triggered a step
+        self.stats: Stats | None = None
+        self.control_timer = None
+        self.input_subscriptions: list = []
+        self.command_publishers: list = []
+        self.diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.create_service(SetBool, "~/enable", self.on_enable)
+        self.create_timer(self.cfg.diagnostics_period, self.publish_diagnostics)
+        if self.cfg.autostart not in ("active", "inactive", "unconfigured"):
+            raise ValueError(f"parameter autostart={self.cfg.autostart!r}: use active, inactive or unconfigured")
+        if self.cfg.autostart != "unconfigured" and self.trigger_configure() == TransitionCallbackReturn.SUCCESS:
+            if self.cfg.autostart == "active":
+                self.trigger_activate()
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        cfg = params.read(self, PARAMETERS)
+        try:
+            check(cfg)
+            spec = resolve_policy(cfg.policy)
+            self.get_logger().info(f"loading policy {spec} (device {cfg.device}, backend {cfg.backend})")
+            policy = load_policy(spec, seed=cfg.seed, device=cfg.device, backend=cfg.backend)
+        except Exception as exc:  # whatever stops the model from loading: stay up, unconfigured, and say why
+            self.failure = f"configure failed: {exc}"
+            self.get_logger().error(self.failure)
+            return TransitionCallbackReturn.FAILURE
+        self.cfg, self.policy, self.failure = cfg, policy, ""
+        period_ns = round(1e9 / cfg.control_rate_hz)
+        self.inputs = Inputs(cfg.imu_window, round(cfg.max_input_age * 1e9) or 2 * period_ns)
+        self.stats = Stats(period_ns)
+        # The instruction subscription comes first: when a new episode's instruction and observation
+        # are waiting together, the executor serves subscriptions in creation order.
+        sub = self.create_subscription
+        self.input_subscriptions = [sub(String, cfg.instruction_topic, self.on_instruction, qos.LATCHED_READER)]
+        if cfg.image_transport == "raw":
+            self.input_subscriptions.append(sub(Image, cfg.camera_topic, self.on_camera, qos.SENSOR))
+        else:
+            self.input_subscriptions.append(sub(CompressedImage, cfg.camera_topic + "/compressed", self.on_camera, qos.SENSOR))
+        self.input_subscriptions += [sub(JointState, cfg.joint_states_topic, self.on_joint_states, qos.SENSOR),
+                                sub(Imu, cfg.imu_topic, self.on_imu, qos.SENSOR_QUEUED)]
+        pub = self.create_lifecycle_publisher
+        self.action_pub = pub(Float32MultiArray, cfg.action_topic, qos.RELIABLE)
+        self.gripper_pub = pub(Float64, cfg.gripper_topic, qos.RELIABLE)
+        self.twist_pub = pub(TwistStamped, cfg.twist_topic, qos.RELIABLE)
+        self.command_publishers = [self.action_pub, self.gripper_pub, self.twist_pub]
+        self.get_logger().info(f"configured: {cfg.trigger} trigger at {cfg.control_rate_hz:g} Hz, "
+                               f"max input age {self.inputs.max_age_ns / 1e6:.0f} ms")
+        return super().on_configure(state)
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        result = super().on_activate(state)  # enables the lifecycle publishers
+        self.active, self.hold_kind = True, None
+        self.stats.hold()
+        self.control_timer = self.create_timer(1.0 / self.cfg.control_rate_hz, self.on_tick)
+        self.get_logger().info("active")
+        return result
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.hold("inactive", "deactivated")  # the last command leaves the robot standing still
+        self.active = False
+        self.destroy_timer(self.control_timer)
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.release()
+        return super().on_cleanup(state)
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        if self.active:
+            self.on_deactivate(state)
+        self.release()
+        return super().on_shutdown(state)
+
+    def close(self) -> None:
+        """At exit: a last zero twist, so the robot does not keep the last velocity."""
+        if self.active:
+            self.hold("shutdown", "shutting down")
+
+    def release(self) -> None:
+        for subscription in self.input_subscriptions:
+            self.destroy_subscription(subscription)
+        for publisher in self.command_publishers:
+            self.destroy_lifecycle_publisher(publisher)
+        self.input_subscriptions, self.command_publishers = [], []
+        self.policy = self.inputs = None
+
+    # ---- inputs --------------------------------------------------------------------------------
+    def on_instruction(self, msg: String) -> None:
+        try:
+            self.policy.reset(msg.data)
+        except Exception as exc:  # a policy that rejects the text must not take the node down
+            self.inputs.errors["instruction"] = f"the policy rejected it: {exc}"
+            return
+        self.inputs.errors.pop("instruction", None)
+        self.inputs.instruction = msg.data
+        self.get_logger().info(f"instruction: {msg.data!r}")
+
+    def on_camera(self, msg) -> None:
+        convert = image_input if self.cfg.image_transport == "raw" else compressed_input
+        self.inputs.update("camera", stamp_ns(msg), lambda: convert(msg, self.cfg.image_size))
+        self.act_on_observation()
+
+    def on_joint_states(self, msg: JointState) -> None:
+        self.inputs.update("joint_states", stamp_ns(msg), lambda: state_input(msg))
+        self.act_on_observation()
+
+    def on_imu(self, msg: Imu) -> None:
+        self.inputs.update("imu", stamp_ns(msg), lambda: imu_input(msg))
+        self.act_on_observation()
+
+    def act_on_observation(self) -> None:
+        if self.cfg.trigger == "image" and self.active and self.inputs.synchronized(self.last_frame):
+            self.last_frame = self.inputs.stamps["camera"]
+            self.control()
+
+    # ---- control ---------------------------------------------------------------------------------
+    def now_ns(self) -> int:
+        return self.get_clock().now().nanoseconds
+
+    def on_tick(self) -> None:
+        """Timer trigger: a control step. Image trigger: the watchdog (steps come with frames)."""
+        if self.cfg.trigger == "timer":
+            self.control()
+            return
+        problem = self.problem()
+        if problem:
+            self.hold(*problem)
+
+    def problem(self) -> tuple[str, str] | None:
+        if not self.enabled:
+            return "disabled", "disabled by ~/enable (e-stop)"
+        return self.inputs.problem(self.now_ns())
+
+    def control(self) -> None:
+        problem = self.problem()
+        if problem:
+            self.hold(*problem)
+            return
+        camera_stamp = self.inputs.stamps["camera"]
+        start = time.perf_counter()
+        try:
+            action = clip_action(self.policy.act(self.inputs.observation()))
+        except Exception as exc:  # a failing policy must stop the robot, not the node
+            self.hold("policy:error", f"policy failed: {exc}")
+            return
+        inference = time.perf_counter() - start
+        raw, gripper, twist = action_messages(action, self.cfg.action_rate_hz, camera_stamp, self.cfg.frame_id)
+        # Gripper before twist: a lockstep simulator applies the twist with the newest gripper command.
+        self.action_pub.publish(raw)
+        self.gripper_pub.publish(gripper)
+        self.twist_pub.publish(twist)
+        self.gripper = float(action[6])
+        self.stats.command(self.now_ns(), camera_stamp, inference)
+        if self.hold_kind is not None:
+            self.get_logger().info("inputs good again: resuming control")
+            self.hold_kind = None
+
+    def hold(self, kind: str, text: str) -> None:
+        """Zero twist (stamped now) and the last gripper command."""
+        if kind != self.hold_kind:
+            self.get_logger().warning(f"holding: {text}")
+            self.hold_kind = kind
+        self.hold_text = text
+        self.stats.hold()
+        held = np.zeros(7, dtype=np.float32)
+        held[6] = 1.0 if self.gripper is None else self.gripper
+        _, gripper, twist = action_messages(held, self.cfg.action_rate_hz, self.now_ns(), self.cfg.frame_id)
+        if self.gripper is not None:  # never commanded: leave the gripper as it is
+            self.gripper_pub.publish(gripper)
+        self.twist_pub.publish(twist)
+
+    def on_enable(self, request: SetBool.Request, response: SetBool.Response) -> SetBool.Response:
+        self.enabled = bool(request.data)
+        self.get_logger().warning("enabled by ~/enable" if self.enabled else "disabled by ~/enable (e-stop)")
+        if not self.enabled and self.active:
+            self.hold("disabled", "disabled by ~/enable (e-stop)")  # at once, not at the next tick
+        response.success = True
+        response.message = "enabled" if self.enabled else "disabled: holding"
+        return response
+
+    # ---- diagnostics ---------------------------------------------------------------------------------
+    def publish_diagnostics(self) -> None:
+        status = DiagnosticStatus(name="policy_node: VLA policy", hardware_id=self.get_fully_qualified_name())
+        state = "active" if self.active else "inactive" if self.policy is not None else "unconfigured"
+        values = {"state": state, "enabled": str(self.enabled), "policy": self.cfg.policy, "device": self.cfg.device,
+                  "backend": self.cfg.backend, "trigger": self.cfg.trigger, "holding": ""}
+        if not self.active:
+            status.level, status.message = DiagnosticStatus.ERROR if self.failure else DiagnosticStatus.STALE, self.failure or state
+        elif self.hold_kind is not None:
+            status.level, status.message = DiagnosticStatus.WARN, f"holding: {self.hold_text}"
+            values["holding"] = self.hold_text
+        else:
+            status.level, status.message = DiagnosticStatus.OK, "controlling"
+        if self.stats is not None:
+            values |= self.stats.report(self.cfg.diagnostics_period)
+        status.values = [KeyValue(key=k, value=v) for k, v in values.items()]
+        array = DiagnosticArray(status=[status])
+        array.header.stamp = self.get_clock().now().to_msg()
+        self.diagnostics.publish(array)
+
+
+def main() -> None:
+    sys.exit(run("policy_node", PolicyNode))

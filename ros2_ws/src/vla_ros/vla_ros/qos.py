@@ -1,0 +1,24 @@
+"""QoS profiles, chosen per kind of stream and shared by every node so that they always match."""
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+
+# Cameras and joint states: only the newest message matters and a late one is useless, so best
+# effort with a short queue (what camera drivers publish; a best-effort reader also matches a
+# reliable writer).
+SENSOR = QoSProfile(depth=5, reliability=ReliabilityPolicy.BEST_EFFORT, durability=DurabilityPolicy.VOLATILE,
+                    history=HistoryPolicy.KEEP_LAST)
+# The IMU arrives in bursts (the sim publishes a control step's 12 samples at once): the queue must
+# hold several bursts while the policy node is busy in inference, or window samples are lost. The
+# recorder uses it for every sensor stream, as it may pause while a bag chunk is compressed.
+SENSOR_QUEUED = QoSProfile(depth=64, reliability=ReliabilityPolicy.BEST_EFFORT, durability=DurabilityPolicy.VOLATILE,
+                           history=HistoryPolicy.KEEP_LAST)
+# Commands must not be dropped (a lost zero twist would leave the robot moving). A reliable writer
+# also serves best-effort readers, so replayed streams use it too.
+RELIABLE = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.VOLATILE,
+                      history=HistoryPolicy.KEEP_LAST)
+# Instruction and episode info: latched, so a node that starts later still gets the current one.
+# Writers keep the last message only; readers queue a few, since an episode's end and the next
+# episode's start are published back to back.
+LATCHED_WRITER = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                            durability=DurabilityPolicy.TRANSIENT_LOCAL, history=HistoryPolicy.KEEP_LAST)
+LATCHED_READER = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE,
+                            durability=DurabilityPolicy.TRANSIENT_LOCAL, history=HistoryPolicy.KEEP_LAST)

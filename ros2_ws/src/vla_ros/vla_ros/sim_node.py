@@ -1,0 +1,205 @@
+"""sim_node: the simulated Panda (sim package) as a ROS 2 node, publishing what a robot's drivers
+publish and executing the policy node's commands, so the closed loop runs over ROS 2 without hardware.
+
+Out: the camera (rgb8), /joint_states, /imu/data (the samples of each control step, stamped
+1 / imu_hz apart), /vla/instruction (latched), /vla/episode_info (JSON, latched; at the start and at
+the end of every episode, with its result). In: /vla/cmd_twist (action delta = twist / control_hz)
+and /vla/gripper. ~/reset (std_srvs/Trigger) starts the next episode (next seed); the `instruction`
+parameter replaces the task's instruction, at once and on every reset.
+
+Two modes. Real time: a timer at the control rate applies the newest command (zero motion when it is
+older than command_timeout). Lockstep (step_on_command): publish an observation, wait for the twist
+stamped with that observation's stamp (the policy node stamps commands with the camera frame they
+answer), apply it as one control step, publish the next observation: the loop then reproduces
+in-process evaluation step for step, whatever the inference time.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+
+import numpy as np
+import pybullet as p
+from geometry_msgs.msg import TwistStamped
+from rclpy.node import Node
+from sensor_msgs.msg import Image, Imu, JointState
+from std_msgs.msg import Float64, String
+from std_srvs.srv import Trigger
+
+from sim import TASKS, SimConfig, make_env
+from sim.robot import ARM_JOINTS, FINGER_JOINTS
+from vla.episodes import topics as T
+from vla.episodes.record import FORMAT, versions
+from vla_ros import params, qos
+from vla_ros.conversions import InputError, command_action, fill, stamp_ns
+from vla_ros.runner import run
+
+PARAMETERS = {
+    "task": ("reach", f"one of {', '.join(TASKS)}"),
+    "seed": (0, "seed of the first episode; each further episode uses the next"),
+    "image_size": (96, "camera image size (square)"),
+    "max_steps": (0, "episode step limit; 0: the task's own"),
+    "step_on_command": (False, "lockstep: step once per command answering the last observation (see the module doc)"),
+    "auto_reset": (True, "start the next episode when one ends; otherwise wait for ~/reset"),
+    "lockstep_timeout": (2.0, "lockstep: publish the observation again (fresh stamps) when no command has answered "
+                              "it for this many seconds, e.g. while the policy node starts [s]"),
+    "command_timeout": (0.0, "real time: zero motion when the newest twist is older than this [s]; "
+                             "0: two control periods"),
+    "instruction": ("", "instruction to publish instead of the task's own; empty: the task's"),
+    "camera_topic": (T.TOPICS["image"], "camera output"),
+    "joint_states_topic": (T.TOPICS["joint_states"], "joint states output"),
+    "imu_topic": (T.TOPICS["imu"], "IMU output"),
+    "instruction_topic": (T.TOPICS["instruction"], "instruction output (latched)"),
+    "episode_topic": (T.TOPICS["episode_info"], "episode info output (std_msgs/String JSON, latched)"),
+    "twist_topic": (T.TOPICS["cmd_twist"], "end-effector velocity command input"),
+    "gripper_topic": (T.TOPICS["gripper"], "gripper command input"),
+}
+
+
+class SimNode(Node):
+    def __init__(self):
+        super().__init__("sim_node")
+        self.cfg = cfg = params.declare(self, PARAMETERS)
+        if cfg.task not in TASKS:
+            raise ValueError(f"parameter task={cfg.task!r}: use one of {sorted(TASKS)}")
+        self.env = make_env(cfg.task, SimConfig(image_size=cfg.image_size, max_steps=cfg.max_steps))
+        sim = self.env.config
+        self.new_imu = sim.substeps // (sim.physics_hz // sim.imu_hz)  # IMU samples per control step
+        self.lockstep = cfg.step_on_command
+        self.command_timeout_ns = round((cfg.command_timeout or 2 / sim.control_hz) * 1e9)
+        self.versions = versions()
+        self.next_seed = cfg.seed
+        self.episode: dict = {}
+        self.running = False
+        self.obs: dict = {}
+        self.gripper = 1.0  # newest gripper command; the Panda starts open
+        self.twist: TwistStamped | None = None  # real time: newest command and when it arrived
+        self.twist_time = 0
+        self.waiting_for: int | None = None  # lockstep: stamp of the observation awaiting its command
+        self.published_at = 0.0
+
+        self.image_pub = self.create_publisher(Image, cfg.camera_topic, qos.SENSOR)
+        self.joints_pub = self.create_publisher(JointState, cfg.joint_states_topic, qos.SENSOR)
+        self.imu_pub = self.create_publisher(Imu, cfg.imu_topic, qos.SENSOR_QUEUED)
+        self.instruction_pub = self.create_publisher(String, cfg.instruction_topic, qos.LATCHED_WRITER)
+        self.episode_pub = self.create_publisher(String, cfg.episode_topic, qos.LATCHED_WRITER)
+        # Gripper before twist: a gripper command published just before a twist is handled first.
+        self.create_subscription(Float64, cfg.gripper_topic, self.on_gripper, qos.RELIABLE)
+        self.create_subscription(TwistStamped, cfg.twist_topic, self.on_twist, qos.RELIABLE)
+        self.create_service(Trigger, "~/reset", self.on_reset)
+        self.add_post_set_parameters_callback(self.on_parameters)
+        if self.lockstep:
+            self.create_timer(min(cfg.lockstep_timeout / 4, 0.5), self.on_lockstep_timer)
+        else:
+            self.create_timer(1.0 / sim.control_hz, self.on_tick)
+        self.get_logger().info(f"{cfg.task}: {'lockstep' if self.lockstep else 'real time'} at {sim.control_hz} Hz")
+        self.start_episode()
+
+    def close(self) -> None:
+        self.env.close()
+
+    # ---- episodes --------------------------------------------------------------------------------
+    def start_episode(self) -> None:
+        seed = self.next_seed
+        self.next_seed += 1
+        self.obs, _ = self.env.reset(seed=seed)
+        self.twist, self.running = None, True
+        self.episode = self.episode_info(seed)
+        self.publish_episode()
+        self.instruction_pub.publish(String(data=self.episode["instruction"]))
+        self.publish_observation(len(self.env.imu.samples))
+        self.get_logger().info(f"episode seed {seed}: {self.episode['instruction']!r}")
+
+    def finish_episode(self, success: bool, interrupted: bool = False) -> None:
+        self.running, self.waiting_for = False, None
+        self.episode |= {"done": True, "success": success, "steps": self.env.steps, "interrupted": interrupted}
+        self.publish_episode()
+        self.get_logger().info(f"episode seed {self.episode['seed']}: {'success' if success else 'failure'} "
+                               f"after {self.env.steps} steps")
+
+    def episode_info(self, seed: int) -> dict:
+        """The episode metadata of `vla collect` (vla.episodes.reader.REQUIRED_INFO and more), plus `done`."""
+        sim = self.env.config
+        return {"format": FORMAT, "source": "sim_node", "task": self.cfg.task, "seed": seed,
+                "instruction": self.get_parameter("instruction").value or self.obs["instruction"],
+                "success": False, "steps": 0, "done": False, "control_hz": sim.control_hz, "imu_hz": sim.imu_hz,
+                "imu_window": sim.imu_window, "image_size": sim.image_size, "wrist_camera": sim.wrist_camera,
+                "sim_config": dataclasses.asdict(sim), "versions": self.versions}
+
+    def publish_episode(self) -> None:
+        self.episode_pub.publish(String(data=json.dumps(self.episode, sort_keys=True)))
+
+    def on_reset(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        if self.running:
+            self.finish_episode(success=False, interrupted=True)
+        self.start_episode()
+        response.success = True
+        response.message = json.dumps({"seed": self.episode["seed"], "instruction": self.episode["instruction"]})
+        return response
+
+    def on_parameters(self, parameters) -> None:
+        if any(parameter.name == "instruction" for parameter in parameters) and self.running:
+            self.episode["instruction"] = self.get_parameter("instruction").value or self.obs["instruction"]
+            self.instruction_pub.publish(String(data=self.episode["instruction"]))
+            self.publish_episode()
+
+    # ---- sensors ---------------------------------------------------------------------------------
+    def publish_observation(self, imu_samples: int) -> None:
+        """The newest `imu_samples` IMU samples, then joint states and camera image, all stamped now
+        (the IMU samples 1 / imu_hz apart, ending now)."""
+        stamp = self.get_clock().now().nanoseconds
+        samples = list(self.env.imu.samples)[-imu_samples:]
+        for sample, imu_stamp in zip(samples, T.imu_stamps(stamp, len(samples), self.env.config.imu_hz)):
+            self.imu_pub.publish(fill(Imu(), T.imu_fields(sample, int(imu_stamp))))
+        joints = p.getJointStates(self.env.robot.body, ARM_JOINTS + FINGER_JOINTS, physicsClientId=self.env.client)
+        self.joints_pub.publish(fill(JointState(), T.joint_state_fields([j[0] for j in joints], [j[1] for j in joints], stamp)))
+        self.image_pub.publish(fill(Image(), T.image_fields(self.obs["image"], stamp)))
+        self.waiting_for = stamp if self.lockstep else None
+        self.published_at = time.monotonic()
+
+    # ---- commands --------------------------------------------------------------------------------
+    def on_gripper(self, msg: Float64) -> None:
+        if math.isfinite(msg.data):
+            self.gripper = min(max(msg.data, 0.0), 1.0)
+        else:
+            self.get_logger().warning(f"ignoring gripper command {msg.data}", throttle_duration_sec=5.0)
+
+    def on_twist(self, msg: TwistStamped) -> None:
+        if not self.lockstep:
+            self.twist, self.twist_time = msg, self.get_clock().now().nanoseconds
+        elif self.waiting_for is not None and stamp_ns(msg) == self.waiting_for:
+            self.step(msg)
+
+    def on_tick(self) -> None:
+        """Real time: one control step with the newest command, or zero motion when it is too old."""
+        if not self.running:
+            return
+        fresh = self.twist is not None and self.get_clock().now().nanoseconds - self.twist_time <= self.command_timeout_ns
+        self.step(self.twist if fresh else TwistStamped())
+
+    def on_lockstep_timer(self) -> None:
+        if self.waiting_for is not None and time.monotonic() - self.published_at > self.cfg.lockstep_timeout:
+            self.get_logger().info("no command for the current observation: publishing it again", throttle_duration_sec=10.0)
+            self.publish_observation(len(self.env.imu.samples))
+
+    def step(self, twist: TwistStamped) -> None:
+        self.waiting_for = None
+        try:
+            action = command_action(twist, self.gripper, self.env.config.control_hz)
+        except InputError as exc:
+            self.get_logger().warning(f"ignoring twist: {exc}", throttle_duration_sec=5.0)
+            action = np.array([0.0] * 6 + [self.gripper], dtype=np.float32)
+        self.obs, _, terminated, truncated, info = self.env.step(action)
+        if not (terminated or truncated):
+            self.publish_observation(self.new_imu)
+            return
+        self.finish_episode(bool(info["success"]))
+        if self.cfg.auto_reset:
+            self.start_episode()
+
+
+def main() -> None:
+    sys.exit(run("sim_node", SimNode))

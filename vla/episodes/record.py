@@ -1,0 +1,94 @@
+"""Run one sim episode with a policy and record it as a rosbag2 directory."""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pybullet as p
+
+from sim.contracts import clip_action
+from sim.robot import ARM_JOINTS, FINGER_JOINTS
+from vla.episodes import topics as T
+from vla.episodes.writer import EpisodeWriter
+
+FORMAT = "vla-episode/1"
+
+
+def versions() -> dict:
+    """Package versions and the source commit, stored with every episode (replays depend on them)."""
+    found = {name: metadata.version(name) for name in ("vla-stack", "pybullet", "rosbags", "numpy")}
+    found["python"] = platform.python_version()
+    try:
+        found["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5,
+        ).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        found["git_commit"] = None
+    return found
+
+
+def record_episode(env, policy, seed: int, path: Path, extra: dict | None = None) -> dict:
+    """Reset `env` with `seed`, run `policy` to the end and write the bag at `path` (created).
+    Returns the episode metadata (also stored in the bag)."""
+    sim = env.unwrapped
+    cfg = sim.config
+    new_imu = cfg.substeps // (cfg.physics_hz // cfg.imu_hz)
+    if cfg.imu_window < new_imu:
+        raise ValueError(f"imu_window ({cfg.imu_window}) < IMU samples per control step ({new_imu}): "
+                         "samples between observations would be lost")
+    writer = EpisodeWriter(path, cfg.wrist_camera)
+    try:
+        obs, info = env.reset(seed=seed)
+        policy.reset(obs["instruction"])
+        writer.write("instruction", T.step_stamp(0, cfg.control_hz), T.string_fields(obs["instruction"]))
+        _write_observation(writer, sim, obs, 0, len(sim.imu.samples))
+        steps = 0
+        while True:
+            action = clip_action(policy.act(obs))
+            _write_action(writer, action, T.step_stamp(steps, cfg.control_hz), cfg.control_hz)
+            obs, _, terminated, truncated, info = env.step(action)
+            steps += 1
+            _write_observation(writer, sim, obs, steps, new_imu)
+            if terminated or truncated:
+                break
+        episode = _info(sim, obs["instruction"], seed, bool(info["success"]), steps) | (extra or {})
+        writer.close(episode)
+    except BaseException:
+        writer.abort()
+        raise
+    return episode
+
+
+def _write_observation(writer: EpisodeWriter, sim, obs: dict, step: int, new_imu: int) -> None:
+    """Camera(s) and joint states at the step's stamp, and the IMU samples since the previous step."""
+    stamp = T.step_stamp(step, sim.config.control_hz)
+    writer.write("image", stamp, T.image_fields(obs["image"], stamp))
+    if "wrist_image" in obs:
+        writer.write("wrist_image", stamp, T.image_fields(obs["wrist_image"], stamp, T.WRIST_CAMERA_FRAME))
+    joints = p.getJointStates(sim.robot.body, ARM_JOINTS + FINGER_JOINTS, physicsClientId=sim.client)
+    writer.write("joint_states", stamp, T.joint_state_fields([j[0] for j in joints], [j[1] for j in joints], stamp))
+    samples = list(sim.imu.samples)[-new_imu:]
+    for sample, imu_stamp in zip(samples, T.imu_stamps(stamp, len(samples), sim.config.imu_hz)):
+        writer.write("imu", imu_stamp, T.imu_fields(sample, imu_stamp))
+
+
+def _write_action(writer: EpisodeWriter, action: np.ndarray, stamp: int, control_hz: int) -> None:
+    writer.write("action", stamp, T.action_fields(action))
+    writer.write("cmd_twist", stamp, T.twist_fields(action, control_hz, stamp))
+    writer.write("gripper", stamp, T.gripper_fields(action))
+
+
+def _info(sim, instruction: str, seed: int, success: bool, steps: int) -> dict:
+    cfg = sim.config
+    return {
+        "format": FORMAT, "source": "sim", "task": sim.task.name, "instruction": instruction, "seed": seed,
+        "success": success, "steps": steps, "control_hz": cfg.control_hz, "imu_hz": cfg.imu_hz,
+        "imu_window": cfg.imu_window, "image_size": cfg.image_size, "wrist_camera": cfg.wrist_camera,
+        "stamp_epoch_ns": T.EPOCH_NS, "sim_config": dataclasses.asdict(cfg),
+        "recorded_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }

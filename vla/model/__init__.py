@@ -1,0 +1,6 @@
+"""The VLA model (PaLM-E multimodal sentences, RT-2 action tokens), its tokenizers and checkpoints."""
+from vla.model.action_tokenizer import ActionTokenizer
+from vla.model.config import ModelConfig
+from vla.model.model import VLAModel
+
+__all__ = ["ActionTokenizer", "ModelConfig", "VLAModel"]

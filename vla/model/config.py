@@ -1,0 +1,102 @@
+"""ModelConfig: everything needed to rebuild a VLA model's architecture (saved in config.json)."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from sim.contracts import ACTION_DIM, STATE_DIM
+
+DECODERS = ("parallel", "autoregressive")
+VISION_ENCODERS = ("cnn", "vit")
+# Placeholders of the multimodal sentence; each is replaced by its sensor's projected tokens.
+SENSOR_PLACEHOLDERS = {"image": "<image>", "wrist_image": "<wrist_image>", "state": "<state>", "imu": "<imu>"}
+
+
+@dataclass
+class ModelConfig:
+    # ---- inputs ----
+    image_size: int = 96  # square camera images are resized to this
+    wrist_camera: bool = False  # needs <wrist_image> in the prompt
+    state_dim: int = STATE_DIM
+    imu_window: int = 12
+    # PaLM-E multimodal sentence. "<image>" etc. are replaced by sensor tokens, "{instruction}" by
+    # the instruction's text tokens; an action-start token is appended.
+    prompt: str = "<image> <state> <imu> {instruction}"
+    max_text_tokens: int = 16  # text tokens of the prompt; longer instructions are cut at the end
+    # ---- vision ----
+    vision: str = "cnn"  # "cnn": strided convolutions; "vit": patch embedding + transformer layers
+    patch_size: int = 16  # image_size / patch_size squared tokens (96 / 16 -> 36)
+    vision_width: int = 64
+    vision_layers: int = 2  # transformer layers of the "vit" encoder
+    # ---- language model ----
+    # Built from a transformers config of this model type and trained from scratch, unless
+    # `pretrained` names a local directory holding a causal LM (and its tokenizer).
+    lm_type: str = "llama"
+    pretrained: str = ""
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 384
+    text_vocab_size: int = 512  # byte-level BPE trained on the task instructions (from scratch only)
+    # ---- actions ----
+    chunk: int = 1  # predict this many future actions per step
+    action_bins: int = 256
+    decoders: tuple[str, ...] = ("parallel",)  # trained decoders; the first is the default at inference
+
+    def __post_init__(self):
+        for name in ("image_size", "state_dim", "imu_window", "max_text_tokens", "patch_size", "vision_width",
+                     "hidden_size", "num_layers", "num_heads", "intermediate_size", "chunk"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.vision not in VISION_ENCODERS:
+            raise ValueError(f"ModelConfig.vision must be one of {VISION_ENCODERS}, got {self.vision!r}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"ModelConfig.image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
+        if self.vision == "cnn" and self.patch_size & (self.patch_size - 1):
+            raise ValueError(f"the cnn encoder halves the image per layer: patch_size must be a power of 2, got {self.patch_size}")
+        if not 2 <= self.action_bins <= 4096:
+            raise ValueError(f"ModelConfig.action_bins must be in 2..4096, got {self.action_bins}")
+        self.decoders = tuple(self.decoders)
+        if not self.decoders or any(d not in DECODERS for d in self.decoders) or len(set(self.decoders)) < len(self.decoders):
+            raise ValueError(f"ModelConfig.decoders must be distinct names from {DECODERS}, got {list(self.decoders)}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"ModelConfig.hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        self.validate_prompt()
+
+    def validate_prompt(self) -> None:
+        if self.prompt.count("{instruction}") != 1:
+            raise ValueError(f"ModelConfig.prompt must contain '{{instruction}}' once: {self.prompt!r}")
+        for sensor in self.sensors:
+            if self.prompt.count(SENSOR_PLACEHOLDERS[sensor]) != 1:
+                raise ValueError(f"ModelConfig.prompt must contain {SENSOR_PLACEHOLDERS[sensor]} once: {self.prompt!r}")
+        if not self.wrist_camera and SENSOR_PLACEHOLDERS["wrist_image"] in self.prompt:
+            raise ValueError("ModelConfig.prompt has <wrist_image> but wrist_camera is false")
+        unknown = set(re.findall(r"<[a-z_]+>", self.prompt)) - set(SENSOR_PLACEHOLDERS.values())
+        if unknown:
+            raise ValueError(f"ModelConfig.prompt: unknown placeholder(s) {sorted(unknown)}")
+
+    @property
+    def sensors(self) -> tuple[str, ...]:
+        return ("image", "wrist_image", "state", "imu") if self.wrist_camera else ("image", "state", "imu")
+
+    @property
+    def sensor_order(self) -> list[str]:
+        """Sensors in the order their placeholders appear in the prompt."""
+        return sorted(self.sensors, key=lambda s: self.prompt.index(SENSOR_PLACEHOLDERS[s]))
+
+    @property
+    def image_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def sensor_tokens(self) -> dict[str, int]:
+        return {s: self.image_tokens if s.endswith("image") else 1 for s in self.sensors}
+
+    @property
+    def prefix_length(self) -> int:
+        """Sensor tokens + text tokens (padded) + the action-start token: fixed for every input."""
+        return sum(self.sensor_tokens.values()) + self.max_text_tokens + 1
+
+    @property
+    def action_tokens(self) -> int:
+        return self.chunk * ACTION_DIM

@@ -1,0 +1,103 @@
+"""Text side of the multimodal sentence: the tokenizer and the prompt -> fixed-length token ids.
+
+From scratch, the tokenizer is a byte-level BPE trained offline on every instruction the task
+templates can produce (so common words are single tokens, and unseen words still tokenize, as
+bytes). With a pretrained backbone it is the backbone's own tokenizer. Either way our special
+tokens (padding, action start, sensor placeholders) are added, and it is saved with the
+checkpoint as tokenizer.json, loadable with transformers' PreTrainedTokenizerFast/AutoTokenizer.
+"""
+from __future__ import annotations
+
+import itertools
+import string
+import warnings
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from sim.scene import COLOURS, SHAPES
+from sim.tasks import PUSH_DIRECTIONS, TASKS
+from vla.model.config import SENSOR_PLACEHOLDERS, ModelConfig
+
+PAD, ACTION_START = "<pad>", "<act>"
+SPECIAL_TOKENS = [PAD, ACTION_START, *SENSOR_PLACEHOLDERS.values()]
+# Values of the fields of the task templates (sim/tasks.py).
+TEMPLATE_FIELDS = {
+    "colour": list(COLOURS),
+    "bin_colour": list(COLOURS),
+    "shape": list(SHAPES),
+    "place": [phrase for _, phrases in PUSH_DIRECTIONS.values() for phrase in phrases],
+}
+
+
+def instruction_corpus() -> list[str]:
+    """Every instruction the task templates can produce."""
+    corpus = []
+    for task in TASKS.values():
+        for template in task.templates:
+            fields = [name for _, name, _, _ in string.Formatter().parse(template) if name]
+            unknown = set(fields) - set(TEMPLATE_FIELDS)
+            if unknown:
+                raise ValueError(f"task {task.name!r} template {template!r}: no vocabulary for field(s) {sorted(unknown)}")
+            for values in itertools.product(*(TEMPLATE_FIELDS[f] for f in fields)):
+                corpus.append(template.format(**dict(zip(fields, values))))
+    return corpus
+
+
+def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on the instruction corpus (deterministic, a fraction of a second)."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(instruction_corpus(), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token=PAD)
+
+
+def load_pretrained_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    """A pretrained backbone's own tokenizer, with our special tokens added."""
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.add_tokens(SPECIAL_TOKENS, special_tokens=True)
+    return tokenizer
+
+
+class PromptEncoder:
+    """Instructions -> the token ids of the multimodal sentence, always `config.prefix_length` long:
+    the prompt with each sensor placeholder repeated once per sensor token, then padding, then the
+    action-start token (so the first action is always predicted from the same position)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, config: ModelConfig):
+        self.tokenizer, self.config = tokenizer, config
+        ids = tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS)
+        missing = [t for t, i in zip(SPECIAL_TOKENS, ids) if i is None or i == tokenizer.unk_token_id]
+        if missing:
+            raise ValueError(f"tokenizer lacks the special token(s) {missing}")
+        self.pad_id, self.action_start_id = ids[0], ids[1]
+        self.placeholder_ids = {s: tokenizer.convert_tokens_to_ids(SENSOR_PLACEHOLDERS[s]) for s in config.sensors}
+        self._repeat = {self.placeholder_ids[s]: n for s, n in config.sensor_tokens.items()}
+        self._cache: dict[str, list[int]] = {}
+
+    def encode(self, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (ids int64[B, L], mask bool[B, L]); the mask is False on padding."""
+        rows = [self._cache.get(text) or self._encode_one(text) for text in instructions]
+        ids = torch.tensor(rows, dtype=torch.long)
+        return ids, ids != self.pad_id
+
+    def _encode_one(self, instruction: str) -> list[int]:
+        text = self.config.prompt.format(instruction=instruction.strip())
+        ids, n_text = [], 0
+        for token in self.tokenizer(text)["input_ids"]:
+            if token in self._repeat:
+                ids += [token] * self._repeat[token]
+            elif n_text < self.config.max_text_tokens:
+                ids.append(token)
+                n_text += 1
+            elif n_text == self.config.max_text_tokens:
+                warnings.warn(f"instruction cut to {n_text} text tokens: {instruction!r}", stacklevel=3)
+                n_text += 1
+        row = ids + [self.pad_id] * (self.config.prefix_length - 1 - len(ids)) + [self.action_start_id]
+        if len(self._cache) < 10_000:
+            self._cache[instruction] = row
+        return row

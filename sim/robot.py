@@ -46,9 +46,13 @@ class Panda:
         return np.array(state[4]), np.array(state[5])
 
     def joint_positions(self) -> tuple[list[float], list[float]]:
-        states = p.getJointStates(self.body, ARM_JOINTS + FINGER_JOINTS, physicsClientId=self.client)
-        q = [s[0] for s in states]
+        q = self.joint_states()[0]
         return q[:7], q[7:]
+
+    def joint_states(self) -> tuple[list[float], list[float]]:
+        """Positions and velocities of the 7 arm and 2 finger joints, as /joint_states carries them."""
+        states = p.getJointStates(self.body, ARM_JOINTS + FINGER_JOINTS, physicsClientId=self.client)
+        return [s[0] for s in states], [s[1] for s in states]
 
     def state(self) -> np.ndarray:
         """The observation `state`, computed from joint positions exactly as from /joint_states."""

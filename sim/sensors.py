@@ -56,6 +56,8 @@ class Imu:
         self.rng, self.noisy = rng, noisy
         self.bias = np.concatenate([rng.normal(0, self.ACCEL_BIAS, 3), rng.normal(0, self.GYRO_BIAS, 3)]) if noisy else np.zeros(6)
         self.samples: deque[np.ndarray] = deque(maxlen=window)
+        # Every sample since the last take_fresh() (for recorders), bounded to one second's worth.
+        self.fresh: deque[np.ndarray] = deque(maxlen=rate_hz)
         self.last_velocity = self._link_velocity()[1]
 
     def _link_velocity(self):
@@ -71,6 +73,13 @@ class Imu:
         if self.noisy:
             reading += self.rng.normal(0, 1, 6) * np.array([self.ACCEL_NOISE] * 3 + [self.GYRO_NOISE] * 3)
         self.samples.append(reading)
+        self.fresh.append(reading)
+
+    def take_fresh(self) -> list[np.ndarray]:
+        """The samples taken since the previous call (all of them, however long the window)."""
+        fresh = list(self.fresh)
+        self.fresh.clear()
+        return fresh
 
     def window(self) -> np.ndarray:
         return np.asarray(self.samples, dtype=np.float32)

@@ -9,10 +9,8 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
-import pybullet as p
 
 from sim.contracts import clip_action
-from sim.robot import ARM_JOINTS, FINGER_JOINTS
 from vla.episodes import topics as T
 from vla.episodes.writer import EpisodeWriter
 
@@ -37,23 +35,19 @@ def record_episode(env, policy, seed: int, path: Path, extra: dict | None = None
     Returns the episode metadata (also stored in the bag)."""
     sim = env.unwrapped
     cfg = sim.config
-    new_imu = cfg.substeps // (cfg.physics_hz // cfg.imu_hz)
-    if cfg.imu_window < new_imu:
-        raise ValueError(f"imu_window ({cfg.imu_window}) < IMU samples per control step ({new_imu}): "
-                         "samples between observations would be lost")
     writer = EpisodeWriter(path, cfg.wrist_camera)
     try:
         obs, info = env.reset(seed=seed)
         policy.reset(obs["instruction"])
         writer.write("instruction", T.step_stamp(0, cfg.control_hz), T.string_fields(obs["instruction"]))
-        _write_observation(writer, sim, obs, 0, len(sim.imu.samples))
+        _write_observation(writer, sim, obs, 0)
         steps = 0
         while True:
             action = clip_action(policy.act(obs))
             _write_action(writer, action, T.step_stamp(steps, cfg.control_hz), cfg.control_hz)
             obs, _, terminated, truncated, info = env.step(action)
             steps += 1
-            _write_observation(writer, sim, obs, steps, new_imu)
+            _write_observation(writer, sim, obs, steps)
             if terminated or truncated:
                 break
         episode = _info(sim, obs["instruction"], seed, bool(info["success"]), steps) | (extra or {})
@@ -64,15 +58,14 @@ def record_episode(env, policy, seed: int, path: Path, extra: dict | None = None
     return episode
 
 
-def _write_observation(writer: EpisodeWriter, sim, obs: dict, step: int, new_imu: int) -> None:
+def _write_observation(writer: EpisodeWriter, sim, obs: dict, step: int) -> None:
     """Camera(s) and joint states at the step's stamp, and the IMU samples since the previous step."""
     stamp = T.step_stamp(step, sim.config.control_hz)
     writer.write("image", stamp, T.image_fields(obs["image"], stamp))
     if "wrist_image" in obs:
         writer.write("wrist_image", stamp, T.image_fields(obs["wrist_image"], stamp, T.WRIST_CAMERA_FRAME))
-    joints = p.getJointStates(sim.robot.body, ARM_JOINTS + FINGER_JOINTS, physicsClientId=sim.client)
-    writer.write("joint_states", stamp, T.joint_state_fields([j[0] for j in joints], [j[1] for j in joints], stamp))
-    samples = list(sim.imu.samples)[-new_imu:]
+    writer.write("joint_states", stamp, T.joint_state_fields(*sim.robot.joint_states(), stamp))
+    samples = sim.imu.take_fresh()
     for sample, imu_stamp in zip(samples, T.imu_stamps(stamp, len(samples), sim.config.imu_hz)):
         writer.write("imu", imu_stamp, T.imu_fields(sample, imu_stamp))
 

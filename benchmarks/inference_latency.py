@@ -1,0 +1,168 @@
+"""Latency per control step (observation in, action chunk out, preprocessing included) of every
+decoder and backend, against a naive Hugging Face `generate` baseline measured in the same run.
+
+    python benchmarks/inference_latency.py [--checkpoint DIR] [--device cpu|cuda] [--models default,0.5b]
+
+Rows: hf-generate (baseline: `lm.generate` over the multimodal prefix, logits restricted to the
+action ids), autoregressive and parallel decoders (eager; on CUDA also as CUDA graphs with a
+static KV cache), onnxruntime. Models: the given checkpoint (default: the shipped one, else a
+randomly initialised default model) and a ~0.5B-parameter Llama-style backbone with random
+weights (timing does not depend on the weights).
+Targets: H100, default model <= 1 ms p50 and 0.5B <= 4 ms p50, both >= 20x the baseline;
+2 CPU cores with onnxruntime, default model <= 10 ms p50.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from policies import CHECKPOINT_DIR
+from vla.model.checkpoint import save_checkpoint
+from vla.model.config import ModelConfig
+from vla.model.model import VLAModel
+from vla.runtime import Runtime, load_runtime
+from vla.runtime.export import export_onnx
+
+BIG_BACKBONE = dict(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=5504)
+FAKE_STATS = {"action": {"q01": [-0.05] * 6 + [0.0], "q99": [0.05] * 6 + [1.0]},
+              "state": {"mean": [0.0] * 15, "std": [1.0] * 15}, "imu": {"mean": [0.0] * 6, "std": [1.0] * 6}}
+
+
+class OnlyActions(LogitsProcessor):
+    def __init__(self, offset: int, bins: int):
+        self.offset, self.bins = offset, bins
+
+    def __call__(self, input_ids, scores):
+        masked = torch.full_like(scores, float("-inf"))
+        masked[:, self.offset:self.offset + self.bins] = scores[:, self.offset:self.offset + self.bins]
+        return masked
+
+
+class HFGenerate:
+    """The baseline: transformers' generate() over the prefix embeddings, as OpenVLA decodes."""
+
+    def __init__(self, model: VLAModel):
+        self.model = model
+        self.processors = LogitsProcessorList([OnlyActions(model.action_offset, model.config.action_bins)])
+        self.autocast = torch.autocast("cuda", torch.bfloat16) if model.device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    @torch.inference_mode()
+    def __call__(self, inputs):
+        with self.autocast:
+            embeds, mask, _ = self.model.embed_prefix(**inputs)
+            n = self.model.config.action_tokens
+            tokens = self.model.lm.generate(inputs_embeds=embeds, attention_mask=mask.long(), max_new_tokens=n, min_new_tokens=n,
+                                            do_sample=False, logits_processor=self.processors, pad_token_id=self.model.prompt.pad_id)
+        return tokens[:, -n:] - self.model.action_offset
+
+
+def observations(batch: int, image_size: int, seed: int) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [{"image": rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8),
+             "state": rng.normal(size=15).astype(np.float32), "imu": rng.normal(size=(12, 6)).astype(np.float32),
+             "instruction": "pick up the red cube"} for _ in range(batch)]
+
+
+def time_runtime(runtime: Runtime, batch: int, iters: int, device: str) -> dict:
+    obs = observations(batch, runtime.model.config.image_size, 0)
+    for _ in range(3):
+        runtime.predict(obs)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        runtime.predict(obs)  # returns numpy: the device work is finished when it returns
+        times.append(time.perf_counter() - start)
+    p50 = float(np.median(times))
+    return {"p50_ms": 1e3 * p50, "p99_ms": 1e3 * float(np.percentile(times, 99)),
+            "actions_per_s": batch * runtime.chunk / float(np.mean(times))}
+
+
+def make_checkpoint(directory: Path, **overrides) -> Path:
+    model = VLAModel.create(ModelConfig(decoders=("parallel", "autoregressive"), **overrides), FAKE_STATS)
+    return save_checkpoint(model, directory)
+
+
+def variants(checkpoint: Path, device: str, onnx: Path | None):
+    """(name, runtime factory) pairs; the baseline first."""
+    def hf():
+        runtime = load_runtime(checkpoint, "torch", device, "autoregressive", cuda_graphs=False)
+        return Runtime(runtime.model, HFGenerate(runtime.model), "hf-generate")
+
+    rows = [("hf-generate (baseline)", hf)]
+    rows += [(f"{d} eager", lambda d=d: load_runtime(checkpoint, "torch", device, d, cuda_graphs=False))
+             for d in ("autoregressive", "parallel")]
+    if device == "cuda":
+        rows += [(f"{d} cuda-graph", lambda d=d: load_runtime(checkpoint, "torch", device, d)) for d in ("autoregressive", "parallel")]
+    if onnx:
+        rows.append(("onnxruntime parallel", lambda: load_runtime(checkpoint, "onnx", device, onnx=onnx)))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", help="default: policies/checkpoints/default, else a random default model")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--models", default="default,0.5b")
+    parser.add_argument("--batches", default="1,32")
+    parser.add_argument("--iters", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
+    parser.add_argument("--json", help="also write the rows here")
+    args = parser.parse_args()
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="vla-bench-"))
+    shipped = Path(args.checkpoint) if args.checkpoint else CHECKPOINT_DIR / "default"
+    rows = []
+    for name in args.models.split(","):
+        if name == "default":
+            checkpoint = shipped if (shipped / "config.json").is_file() else make_checkpoint(work / "default")
+        else:
+            checkpoint = make_checkpoint(work / name, **BIG_BACKBONE)
+        model = load_runtime(checkpoint, "torch", "cpu").model
+        params = sum(p.numel() for p in model.parameters())
+        onnx = None
+        if name == "default" or device == "cuda":  # the big model on 2 CPU cores would take minutes
+            onnx = checkpoint / "model.onnx"
+            if not onnx.is_file():
+                onnx = work / f"{name}.onnx"
+                export_onnx(model, checkpoint, onnx, observations(4, model.config.image_size, 1))
+        del model
+        for label, factory in variants(checkpoint, device, onnx):
+            runtime = factory()
+            for batch in map(int, args.batches.split(",")):
+                iters = args.iters if batch == 1 or device == "cuda" else max(10, args.iters // 5)
+                rows.append({"model": name, "params_M": params / 1e6, "variant": label, "ran": runtime.name,
+                             "batch": batch, **time_runtime(runtime, batch, iters, device)})
+                print(json.dumps(rows[-1]), flush=True)
+            del runtime
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    show(rows, device)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+def show(rows: list[dict], device: str) -> None:
+    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    table = Table(title=f"latency per control step, preprocessing included ({name})")
+    for column in ("model", "params", "variant", "batch", "p50 ms", "p99 ms", "actions/s", "x baseline (p50)"):
+        table.add_column(column, justify="left" if column in ("model", "variant") else "right")
+    for row in rows:
+        base = next(r for r in rows if r["model"] == row["model"] and r["batch"] == row["batch"] and "baseline" in r["variant"])
+        table.add_row(row["model"], f"{row['params_M']:.1f}M", row["variant"], str(row["batch"]), f"{row['p50_ms']:.2f}",
+                      f"{row['p99_ms']:.2f}", f"{row['actions_per_s']:,.0f}", f"{base['p50_ms'] / row['p50_ms']:.1f}x")
+    Console(width=160).print(table)
+
+
+if __name__ == "__main__":
+    main()

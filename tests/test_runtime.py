@@ -1,0 +1,115 @@
+"""Inference runtimes: torch (eager, static KV cache) and onnxruntime agree; ONNX export validates
+before writing and refuses mismatched or damaged files."""
+import numpy as np
+import pytest
+import torch
+
+from vla.model.checkpoint import save_checkpoint
+from vla.model.config import ModelConfig
+from vla.model.model import VLAModel
+from vla.runtime import load_runtime
+from vla.runtime.export import ExportError, export_onnx
+from vla.runtime.onnx_backend import OnnxModelError
+from vla.runtime.torch_backend import static_autoregressive
+from transformers import StaticCache
+
+TINY = dict(image_size=32, patch_size=16, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+            vision_width=16, text_vocab_size=300, chunk=2, decoders=("parallel", "autoregressive"))
+STATS = {"action": {"q01": [-0.05] * 6 + [0.0], "q99": [0.05] * 6 + [1.0]},
+         "state": {"mean": [0.0] * 15, "std": [1.0] * 15}, "imu": {"mean": [0.0] * 6, "std": [1.0] * 6}}
+INSTRUCTIONS = ["touch the red cube", "pick up the blue cube", "push the green cube to the left"]
+
+
+def observations(n, seed=0, size=96):
+    rng = np.random.default_rng(seed)
+    return [{"image": rng.integers(0, 256, (size, size, 3), dtype=np.uint8), "state": rng.normal(size=15).astype(np.float32),
+             "imu": rng.normal(size=(12, 6)).astype(np.float32), "instruction": INSTRUCTIONS[i % 3]} for i in range(n)]
+
+
+def make_checkpoint(path, seed=0):
+    torch.manual_seed(seed)
+    model = VLAModel.create(ModelConfig(**TINY), STATS)
+    with torch.no_grad():  # a sharper head: decisive logits instead of an untrained model's near-ties
+        model.lm.get_output_embeddings().weight.mul_(20.0)
+    return save_checkpoint(model, path)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    checkpoint = make_checkpoint(tmp_path_factory.mktemp("ckpt") / "model")
+    model = load_runtime(checkpoint, "torch", "cpu").model
+    report = export_onnx(model, checkpoint, checkpoint / "model.onnx", observations(8, seed=1))
+    return checkpoint, report
+
+
+def test_static_cache_decoding_matches_dynamic_cache(tmp_path):
+    model = load_runtime(make_checkpoint(tmp_path / "m"), "torch", "cpu", "autoregressive").model
+    inputs = model.preprocess(observations(4))
+    with torch.inference_mode():
+        expected = model.generate_autoregressive(**inputs)
+        cache = StaticCache(config=model.lm.config, max_cache_len=model.config.prefix_length + model.config.action_tokens)
+        first = static_autoregressive(model, cache, **inputs)
+        again = static_autoregressive(model, cache, **inputs)  # the cache is reused, as in a CUDA graph
+    assert torch.equal(first, expected) and torch.equal(again, expected)
+
+
+def test_onnx_matches_torch_bins_on_cpu(exported):
+    checkpoint, report = exported
+    assert report["bins_disagreeing"] == 0 and report["logits_outside_tolerance"] == 0
+    torch_rt = load_runtime(checkpoint, "torch", "cpu", "parallel")
+    onnx_rt = load_runtime(checkpoint, "onnx", "cpu")
+    assert "CPUExecutionProvider" in onnx_rt.name
+    for batch in (1, 5):  # the exported batch axis is dynamic
+        obs = observations(batch, seed=10 + batch)
+        inputs = torch_rt.model.preprocess(obs)
+        assert torch.equal(torch_rt.decode(inputs), onnx_rt.decode(inputs))
+        assert np.array_equal(torch_rt.predict(obs), onnx_rt.predict(obs))
+        assert torch_rt.predict(obs).shape == (batch, 2, 7)
+
+
+def test_onnx_from_another_checkpoint_is_refused(exported, tmp_path):
+    checkpoint, _ = exported
+    other = make_checkpoint(tmp_path / "other", seed=1)
+    with pytest.raises(OnnxModelError, match="does not match checkpoint"):
+        load_runtime(other, "onnx", "cpu", onnx=checkpoint / "model.onnx")
+
+
+def test_truncated_onnx_is_refused(exported, tmp_path):
+    checkpoint, _ = exported
+    data = (checkpoint / "model.onnx").read_bytes()
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(data[: len(data) // 2])
+    with pytest.raises(OnnxModelError, match="truncated or corrupt"):
+        load_runtime(checkpoint, "onnx", "cpu", onnx=broken)
+    with pytest.raises(OnnxModelError, match="no such ONNX file"):
+        load_runtime(checkpoint, "onnx", "cpu", onnx=tmp_path / "missing.onnx")
+
+
+def test_export_that_fails_validation_writes_nothing(exported, tmp_path):
+    checkpoint, _ = exported
+    model = load_runtime(checkpoint, "torch", "cpu").model
+    out = tmp_path / "refused.onnx"
+    with pytest.raises(ExportError, match="nothing written"):
+        export_onnx(model, checkpoint, out, observations(2), atol=-1.0)  # no tolerance can pass
+    assert not out.exists() and not list(tmp_path.glob("*.partial"))
+
+
+def test_bad_backend_and_device_fail_clearly(exported):
+    checkpoint, _ = exported
+    with pytest.raises(ValueError, match="backend must be one of"):
+        load_runtime(checkpoint, "tensorflow", "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            load_runtime(checkpoint, "torch", "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("decoder", ["parallel", "autoregressive"])
+def test_cuda_graph_matches_eager_cuda(exported, decoder):
+    checkpoint, _ = exported
+    graph = load_runtime(checkpoint, "torch", "cuda", decoder)
+    eager = load_runtime(checkpoint, "torch", "cuda", decoder, cuda_graphs=False)
+    obs = observations(3, seed=5)
+    agree = (graph.predict(obs) == eager.predict(obs)).mean()
+    assert agree > 0.95  # bf16 graph vs bf16 autocast eager: rare rounding ties only

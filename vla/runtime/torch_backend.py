@@ -1,0 +1,96 @@
+"""The torch backend: eager on CPU; on CUDA, bf16 weights, static shapes, a preallocated KV cache
+and CUDA graphs, so that a control step is one graph replay plus two small copies.
+
+The autoregressive decoder on CUDA runs RT-2's loop (prefix pass, then one token at a time with
+the KV cache) inside a single captured graph: the argmax, the next token's embedding and the cache
+writes all stay on the GPU, so nothing waits on the host between tokens.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from transformers import StaticCache
+
+from vla.model.model import VLAModel
+
+
+class TorchDecoder:
+    """Preprocessed inputs -> action bins int64[B, k * 7], eagerly (CPU, or CUDA without graphs)."""
+
+    def __init__(self, model: VLAModel, decoder: str):
+        self.model, self.decoder = model, decoder
+        cuda = model.device.type == "cuda"
+        self.autocast = torch.autocast("cuda", torch.bfloat16) if cuda else nullcontext()
+
+    @torch.inference_mode()
+    def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        with self.autocast:
+            return self.model.decode_bins(inputs, self.decoder)
+
+
+def static_autoregressive(model: VLAModel, cache: StaticCache, image, state, imu, text_ids, text_mask, wrist_image=None):
+    """RT-2 greedy decoding over a preallocated cache, with no host synchronisation."""
+    for layer in cache.layers:
+        if layer.is_initialized:
+            layer.cumulative_length.zero_()
+    embeds, mask, positions = model.embed_prefix(image, state, imu, text_ids, text_mask, wrist_image)
+    hidden, _ = model._run_lm(embeds, mask, positions, cache)
+    embedding = model.lm.get_input_embeddings()
+    bins = []
+    for i in range(model.config.action_tokens):
+        bins.append(model._action_logits(hidden[:, -1]).argmax(-1))
+        if i + 1 == model.config.action_tokens:
+            break
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+        positions = positions[:, -1:] + 1
+        hidden, _ = model._run_lm(embedding(model.action_offset + bins[-1]).unsqueeze(1), mask, positions, cache)
+    return torch.stack(bins, 1)
+
+
+class CudaGraphDecoder:
+    """One CUDA graph per batch size, captured on first use. Parameters are cast to bf16 (buffers
+    such as normalisation statistics stay fp32); matmuls run under bf16 autocast."""
+
+    def __init__(self, model: VLAModel, decoder: str):
+        if model.device.type != "cuda":
+            raise ValueError("CUDA graphs need the model on a CUDA device")
+        for parameter in model.parameters():
+            parameter.data = parameter.data.to(torch.bfloat16)
+        self.model, self.decoder = model.eval(), decoder
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict, torch.Tensor]] = {}
+
+    def _function(self, batch: int):
+        model = self.model
+        if self.decoder == "parallel":
+            return lambda **inputs: model.forward_parallel(**inputs).argmax(-1)
+        length = model.config.prefix_length + model.config.action_tokens
+        cache = StaticCache(config=model.lm.config, max_cache_len=length)
+        return lambda **inputs: static_autoregressive(model, cache, **inputs)
+
+    @torch.inference_mode()
+    def _capture(self, inputs: dict[str, torch.Tensor]):
+        static = {name: tensor.clone() for name, tensor in inputs.items()}
+        function = self._function(len(inputs["state"]))
+        autocast = torch.autocast("cuda", torch.bfloat16, cache_enabled=False)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), autocast:  # warm-up: lazy allocations happen outside the graph
+            for _ in range(2):
+                function(**static)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), autocast:
+            output = function(**static)
+        return graph, static, output
+
+    @torch.inference_mode()
+    def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        batch = len(inputs["state"])
+        if batch not in self.graphs:
+            self.graphs[batch] = self._capture(inputs)
+        graph, static, output = self.graphs[batch]
+        for name, tensor in inputs.items():
+            static[name].copy_(tensor, non_blocking=True)
+        graph.replay()
+        return output.clone()

@@ -164,7 +164,6 @@ def test_synchronized_observations():
     now = 10_000_000_000
     inputs = good_inputs(now)
     assert not inputs.synchronized(now)  # already acted on
-    assert not inputs.synchronized(now)
     inputs.update("camera", now + 1, lambda: IMAGE)
     assert not inputs.synchronized(now)  # joint states and IMU not as new yet
     inputs.update("joint_states", now + 1, lambda: np.zeros(15, np.float32))

@@ -127,7 +127,10 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
 
 
 def _parse_value(text: str):
-    value = yaml.safe_load(text) if text else ""
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:  # e.g. a prompt "{instruction} <image>": a plain string
+        return text
     if isinstance(value, str):  # YAML reads "1e-3" as a string
         try:
             return float(value)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+import vla
 from sim.contracts import clip_action
 from vla.episodes import topics as T
 from vla.episodes.writer import EpisodeWriter
@@ -19,7 +20,8 @@ FORMAT = "vla-episode/1"
 
 def versions() -> dict:
     """Package versions and the source commit, stored with every episode (replays depend on them)."""
-    found = {name: metadata.version(name) for name in ("vla-stack", "pybullet", "rosbags", "numpy")}
+    found = {name: metadata.version(name) for name in ("pybullet", "rosbags", "numpy")}
+    found["vla-stack"] = vla.__version__
     found["python"] = platform.python_version()
     try:
         found["git_commit"] = subprocess.run(

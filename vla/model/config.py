@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from sim.contracts import ACTION_DIM, STATE_DIM
 
 DECODERS = ("parallel", "autoregressive")
-VISION_ENCODERS = ("cnn", "vit")
+VISION_ENCODERS = ("cnn", "vit", "keypoints")
 # Placeholders of the multimodal sentence; each is replaced by its sensor's projected tokens.
 SENSOR_PLACEHOLDERS = {"image": "<image>", "wrist_image": "<wrist_image>", "state": "<state>", "imu": "<imu>"}
 
@@ -20,14 +20,20 @@ class ModelConfig:
     state_dim: int = STATE_DIM
     imu_window: int = 12
     # PaLM-E multimodal sentence. "<image>" etc. are replaced by sensor tokens, "{instruction}" by
-    # the instruction's text tokens; an action-start token is appended.
+    # the instruction's text tokens; an action-start token is appended. The model reads only the
+    # sensors named here (<image> is required; <state>, <imu>, <wrist_image> are optional).
     prompt: str = "<image> <state> <imu> {instruction}"
     max_text_tokens: int = 16  # text tokens of the prompt; longer instructions are cut at the end
     # ---- vision ----
-    vision: str = "cnn"  # "cnn": strided convolutions; "vit": patch embedding + transformer layers
-    patch_size: int = 16  # image_size / patch_size squared tokens (96 / 16 -> 36)
+    # "cnn": strided convolutions; "vit": patch embedding + transformer layers; both give
+    # (image_size / patch_size)^2 patch tokens (96 / 16 -> 36). "keypoints": `keypoints` tokens,
+    # the expected image position of each channel of a convolutional feature map (spatial softmax).
+    vision: str = "cnn"
+    patch_size: int = 16
+    keypoints: int = 32
     vision_width: int = 64
     vision_layers: int = 2  # transformer layers of the "vit" encoder
+    vision_film: bool = False  # condition the convolutions on the instruction (FiLM, RT-1)
     # ---- language model ----
     # Built from a transformers config of this model type and trained from scratch, unless
     # `pretrained` names a local directory holding a causal LM (and its tokenizer).
@@ -44,7 +50,7 @@ class ModelConfig:
     decoders: tuple[str, ...] = ("parallel",)  # trained decoders; the first is the default at inference
 
     def __post_init__(self):
-        for name in ("image_size", "state_dim", "imu_window", "max_text_tokens", "patch_size", "vision_width",
+        for name in ("image_size", "state_dim", "imu_window", "max_text_tokens", "patch_size", "keypoints", "vision_width",
                      "hidden_size", "num_layers", "num_heads", "intermediate_size", "chunk"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
@@ -54,6 +60,8 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
         if self.vision == "cnn" and self.patch_size & (self.patch_size - 1):
             raise ValueError(f"the cnn encoder halves the image per layer: patch_size must be a power of 2, got {self.patch_size}")
+        if self.vision_film and self.vision == "vit":
+            raise ValueError("ModelConfig.vision_film needs a convolutional encoder (vision: cnn or keypoints)")
         if not 2 <= self.action_bins <= 4096:
             raise ValueError(f"ModelConfig.action_bins must be in 2..4096, got {self.action_bins}")
         self.decoders = tuple(self.decoders)
@@ -66,18 +74,19 @@ class ModelConfig:
     def validate_prompt(self) -> None:
         if self.prompt.count("{instruction}") != 1:
             raise ValueError(f"ModelConfig.prompt must contain '{{instruction}}' once: {self.prompt!r}")
-        for sensor in self.sensors:
-            if self.prompt.count(SENSOR_PLACEHOLDERS[sensor]) != 1:
-                raise ValueError(f"ModelConfig.prompt must contain {SENSOR_PLACEHOLDERS[sensor]} once: {self.prompt!r}")
-        if not self.wrist_camera and SENSOR_PLACEHOLDERS["wrist_image"] in self.prompt:
-            raise ValueError("ModelConfig.prompt has <wrist_image> but wrist_camera is false")
         unknown = set(re.findall(r"<[a-z_]+>", self.prompt)) - set(SENSOR_PLACEHOLDERS.values())
         if unknown:
-            raise ValueError(f"ModelConfig.prompt: unknown placeholder(s) {sorted(unknown)}")
+            raise ValueError(f"ModelConfig.prompt: unknown placeholder(s) {sorted(unknown)}; known: {list(SENSOR_PLACEHOLDERS.values())}")
+        repeated = [p for p in SENSOR_PLACEHOLDERS.values() if self.prompt.count(p) > 1]
+        if repeated or "image" not in self.sensors:
+            raise ValueError(f"ModelConfig.prompt must contain <image> once and each other placeholder at most once: {self.prompt!r}")
+        if self.wrist_camera != ("wrist_image" in self.sensors):
+            raise ValueError(f"ModelConfig.prompt must contain <wrist_image> exactly when wrist_camera is true: {self.prompt!r}")
 
     @property
     def sensors(self) -> tuple[str, ...]:
-        return ("image", "wrist_image", "state", "imu") if self.wrist_camera else ("image", "state", "imu")
+        """The sensors the model reads: those whose placeholder is in the prompt."""
+        return tuple(s for s, placeholder in SENSOR_PLACEHOLDERS.items() if placeholder in self.prompt)
 
     @property
     def sensor_order(self) -> list[str]:
@@ -86,7 +95,7 @@ class ModelConfig:
 
     @property
     def image_tokens(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
+        return self.keypoints if self.vision == "keypoints" else (self.image_size // self.patch_size) ** 2
 
     @property
     def sensor_tokens(self) -> dict[str, int]:

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vla.model.config import ModelConfig
@@ -20,35 +21,88 @@ def projector(width: int, hidden: int) -> nn.Sequential:
 
 
 class ImageEncoder(nn.Module):
-    """uint8[B, H, W, 3] -> [B, (H / patch)^2, hidden].
+    """uint8[B, H, W, 3] (+ the instruction's summary [B, hidden]) -> [B, config.image_tokens, hidden].
 
     "cnn": log2(patch) stride-2 3x3 convolutions, cheap and data-efficient for small images.
-    "vit": a patch embedding followed by `vision_layers` transformer layers."""
+    "vit": a patch embedding followed by `vision_layers` transformer layers.
+    "keypoints": convolutions to a quarter of the resolution, then a spatial softmax per channel:
+    token k = (expected x, expected y, peak) of channel k, plus an embedding of k. Where things
+    are is what a reaching policy needs, and keypoints give it directly (as robomimic does).
+    All see two extra input channels with the pixel coordinates (CoordConv): convolutions alone are
+    blind to absolute position, which decides the action. With `vision_film`, every convolution's
+    output is modulated by the instruction (FiLM, as RT-1), so the encoder can pick out the named
+    object itself instead of leaving that binding to attention, which learns it far more slowly."""
 
     def __init__(self, config: ModelConfig, hidden: int):
         super().__init__()
-        width, grid = config.vision_width, config.image_size // config.patch_size
+        self.vision, width = config.vision, config.vision_width
+        axis = torch.linspace(-1.0, 1.0, config.image_size)
+        self.register_buffer("coordinates", torch.stack(torch.meshgrid(axis, axis, indexing="ij"))[None], persistent=False)
         if config.vision == "cnn":
             n = int(math.log2(config.patch_size))
-            channels = [3] + [max(16, width >> (n - 1 - i)) for i in range(n)]
-            layers = []
-            for c_in, c_out in zip(channels, channels[1:]):
-                layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.GroupNorm(8, c_out), nn.GELU()]
-            self.backbone = nn.Sequential(*layers, nn.Conv2d(channels[-1], width, 1))
-            self.blocks = nn.Identity()
+            channels = [5] + [max(16, width >> (n - 1 - i)) for i in range(n)]
+            self.convs = ConvStack(channels, hidden if config.vision_film else 0)
+            self.head = nn.Conv2d(channels[-1], width, 1)
+        elif config.vision == "keypoints":
+            self.convs = ConvStack([5, width // 2, width, width], hidden if config.vision_film else 0, strides=(2, 2, 1))
+            self.head = nn.Conv2d(width, config.keypoints, 1)
+            self.keypoint = nn.Linear(3, width)
         else:
-            self.backbone = nn.Conv2d(3, width, config.patch_size, stride=config.patch_size)
+            self.convs = ConvStack([5], 0)  # no convolutions: nothing to modulate
+            self.head = nn.Conv2d(5, width, config.patch_size, stride=config.patch_size)
             layer = nn.TransformerEncoderLayer(width, max(1, width // 32), 4 * width, dropout=0.0,
                                                activation="gelu", batch_first=True, norm_first=True)
             self.blocks = nn.Sequential(nn.TransformerEncoder(layer, config.vision_layers, enable_nested_tensor=False),
                                         nn.LayerNorm(width))
-        self.position = nn.Parameter(torch.randn(grid * grid, width) * 0.02)
+        self.position = nn.Parameter(torch.randn(config.image_tokens, width) * 0.02)  # patch position or keypoint identity
         self.project = projector(width, hidden)
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
+    def forward(self, image: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         x = image.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        x = self.backbone(x).flatten(2).transpose(1, 2)  # [B, patches, width]
-        return self.project(self.blocks(x + self.position))
+        x = torch.cat([x, self.coordinates.expand(x.shape[0], -1, -1, -1)], dim=1)
+        x = self.head(self.convs(x, condition))
+        if self.vision == "keypoints":
+            x = self.keypoint(spatial_softmax(x))
+        else:
+            x = x.flatten(2).transpose(1, 2)  # [B, patches, width]
+        x = x + self.position
+        return self.project(self.blocks(x) if self.vision == "vit" else x)
+
+
+class ConvStack(nn.Module):
+    """3x3 convolutions (stride 2 unless told) with GroupNorm and GELU, optionally FiLM-modulated
+    by a condition vector: x <- x * (1 + gamma) + beta, starting as the identity."""
+
+    def __init__(self, channels: list[int], condition_size: int, strides: tuple[int, ...] | None = None):
+        super().__init__()
+        pairs = list(zip(channels, channels[1:]))
+        strides = strides or (2,) * len(pairs)
+        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, stride=s, padding=1) for (a, b), s in zip(pairs, strides))
+        self.norms = nn.ModuleList(nn.GroupNorm(8, b) for _, b in pairs)
+        self.films = nn.ModuleList(nn.Linear(condition_size, 2 * b) for _, b in pairs) if condition_size else None
+        for film in self.films or ():
+            nn.init.zeros_(film.weight)
+            nn.init.zeros_(film.bias)
+
+    def forward(self, x: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
+        for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
+            x = norm(conv(x))
+            if self.films is not None:
+                gamma, beta = self.films[i](condition)[:, :, None, None].chunk(2, dim=1)
+                x = x * (1 + gamma) + beta
+            x = F.gelu(x)
+        return x
+
+
+def spatial_softmax(features: torch.Tensor) -> torch.Tensor:
+    """[B, K, H, W] -> [B, K, 3]: each channel's softmax-weighted mean (x, y) in [-1, 1] and its peak."""
+    b, k, h, w = features.shape
+    weights = features.flatten(2).softmax(-1).view(b, k, h, w)
+    ys = torch.linspace(-1.0, 1.0, h, device=features.device)
+    xs = torch.linspace(-1.0, 1.0, w, device=features.device)
+    x = (weights.sum(2) * xs).sum(-1)
+    y = (weights.sum(3) * ys).sum(-1)
+    return torch.stack([x, y, features.flatten(2).amax(-1)], dim=-1)
 
 
 class VectorEncoder(nn.Module):

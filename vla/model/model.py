@@ -66,9 +66,11 @@ class VLAModel(nn.Module):
         hidden = lm.get_input_embeddings().embedding_dim
         self.action_tokenizer = ActionTokenizer.from_stats(stats["action"], config.action_bins)
         self.image_encoder = ImageEncoder(config, hidden)
-        self.wrist_encoder = ImageEncoder(config, hidden) if config.wrist_camera else None
-        self.state_encoder = VectorEncoder((config.state_dim,), stats["state"]["mean"], stats["state"]["std"], hidden)
-        self.imu_encoder = VectorEncoder((config.imu_window, IMU_CHANNELS), stats["imu"]["mean"], stats["imu"]["std"], hidden)
+        self.wrist_encoder = ImageEncoder(config, hidden) if "wrist_image" in config.sensors else None
+        self.state_encoder = (VectorEncoder((config.state_dim,), stats["state"]["mean"], stats["state"]["std"], hidden)
+                              if "state" in config.sensors else None)
+        self.imu_encoder = (VectorEncoder((config.imu_window, IMU_CHANNELS), stats["imu"]["mean"], stats["imu"]["std"], hidden)
+                            if "imu" in config.sensors else None)
         if "parallel" in config.decoders:
             self.action_queries = nn.Parameter(torch.randn(config.action_tokens, hidden) * 0.02)
 
@@ -89,16 +91,21 @@ class VLAModel(nn.Module):
     # ---- the prefix: multimodal sentence -> embeddings ----------------------------------------
     def embed_prefix(self, image, state, imu, text_ids, text_mask, wrist_image=None):
         """-> (embeddings [B, L, D], attention mask [B, L], position ids [B, L])."""
-        sensors = {"image": self.image_encoder(image), "state": self.state_encoder(state), "imu": self.imu_encoder(imu)}
-        if self.wrist_encoder is not None:
-            sensors["wrist_image"] = self.wrist_encoder(wrist_image)
-        tokens = torch.cat([sensors[s] for s in self.config.sensor_order], dim=1)  # in placeholder order
         embeds = self.lm.get_input_embeddings()(text_ids)
-        # The i-th placeholder position of a row takes the i-th sensor token (gather, not boolean
-        # indexing: static shapes for ONNX export and CUDA graphs).
         is_sensor = torch.zeros_like(text_mask)
         for token_id in self.prompt.placeholder_ids.values():
             is_sensor = is_sensor | (text_ids == token_id)
+        condition = None
+        if self.config.vision_film:  # the instruction's summary: mean embedding of its text tokens
+            is_text = (text_mask & ~is_sensor & (text_ids != self.prompt.action_start_id)).unsqueeze(-1).to(embeds.dtype)
+            condition = (embeds * is_text).sum(1) / is_text.sum(1).clamp(min=1.0)
+        encoders = {"image": lambda: self.image_encoder(image, condition),
+                    "wrist_image": lambda: self.wrist_encoder(wrist_image, condition),
+                    "state": lambda: self.state_encoder(state), "imu": lambda: self.imu_encoder(imu)}
+        # Sensors the prompt does not name are ignored; the others in placeholder order.
+        tokens = torch.cat([encoders[s]() for s in self.config.sensor_order], dim=1)
+        # The i-th placeholder position of a row takes the i-th sensor token (gather, not boolean
+        # indexing: static shapes for ONNX export and CUDA graphs).
         slot = (is_sensor.long().cumsum(1) - 1).clamp(min=0)
         gathered = tokens.gather(1, slot.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
         embeds = torch.where(is_sensor.unsqueeze(-1), gathered.to(embeds.dtype), embeds)

@@ -88,7 +88,8 @@ def state_input(msg: JointState) -> np.ndarray:
     if len(msg.position) != len(msg.name):
         raise InputError(f"joint_states has {len(msg.name)} names but {len(msg.position)} positions")
     try:
-        state = T.state_from_msg(msg)
+        with np.errstate(invalid="ignore"):  # NaN positions are reported below
+            state = T.state_from_msg(msg)
     except ValueError as exc:  # missing joints
         raise InputError(str(exc)) from None
     if not np.all(np.isfinite(state)):

@@ -2,18 +2,29 @@
 (vla.episodes: one rosbag2 directory per episode, listed in manifest.json when complete), so that
 `vla dataset`, the training index, `ros2 bag` and Foxglove read it.
 
-Messages are stored as the CDR bytes received, never re-serialized, with the receive time as log
-time (as `ros2 bag record` does; readers order sensor messages by their header stamps). Episodes are
-started and stopped with ~/record (std_srvs/SetBool: true opens a new bag, false closes it), or, with
-follow_episodes, follow the episodes a sim_node announces on /vla/episode_info (one bag per episode,
-closed with the episode's result).
+Messages are stored as the CDR bytes received, never re-serialized, with the time the middleware
+received them as log time (as `ros2 bag record` does; readers order sensor messages by their header
+stamps). Episodes are started and stopped with ~/record (std_srvs/SetBool: true opens a new bag,
+false closes it), or, with follow_episodes, follow the episodes a sim_node announces on
+/vla/episode_info: the end of an episode closes its bag with the episode's result and opens the next.
+
+The executor serves one message per subscription in turn, so a node that lags behind handles
+messages out of their order of arrival. Messages and episode events therefore wait `reorder_window`
+seconds and are then applied in the order they were received: each bag gets exactly what arrived
+between its start and its end. A bag starts with an observation: commands received before its first
+camera image, joint states and IMU sample are left out. An announced episode is kept only if its bag
+holds all of its actions and an image and joint states for each; otherwise (the recorder started
+during it, messages were lost) it is discarded with a warning.
 """
 from __future__ import annotations
 
+import heapq
+import itertools
 import json
 import os
 import shutil
 import sys
+from dataclasses import dataclass, field
 
 from rclpy.node import Node
 from rclpy.serialization import deserialize_message
@@ -35,11 +46,15 @@ PARAMETERS = {
     "task": ("robot", "task name stored with episodes recorded through ~/record"),
     "control_hz": (10, "control rate stored with episodes recorded through ~/record"),
     "wrist_camera": (False, "also record the wrist camera"),
+    "reorder_window": (0.5, "seconds messages wait to be written in the order they were received [s]"),
 }
 # Streams of an episode and how they are received; episode_info is written by the writer on close.
 RECORDED = {"image": qos.SENSOR_QUEUED, "wrist_image": qos.SENSOR_QUEUED, "joint_states": qos.SENSOR_QUEUED,
             "imu": qos.SENSOR_QUEUED, "instruction": qos.LATCHED_READER, "action": qos.RELIABLE,
             "cmd_twist": qos.RELIABLE, "gripper": qos.RELIABLE}
+COMMANDS = ("action", "cmd_twist", "gripper")
+OBSERVATION = ("image", "joint_states", "imu")
+START, STOP, EPISODE = "start", "stop", "episode"  # events, applied in order with the messages
 
 
 class RawEpisodeWriter(EpisodeWriter):
@@ -51,111 +66,137 @@ class RawEpisodeWriter(EpisodeWriter):
         self._last_stamp = max(self._last_stamp, stamp_ns)
 
 
+@dataclass
+class Bag:
+    episode: int
+    writer: RawEpisodeWriter
+    counts: dict = field(default_factory=lambda: dict.fromkeys(RECORDED, 0))
+
+    def write(self, key: str, received: int, data: bytes) -> None:
+        if key in COMMANDS and not all(self.counts[k] for k in OBSERVATION):
+            return
+        self.writer.write_raw(key, received, data)
+        self.counts[key] += 1
+
+
 class RecorderNode(Node):
     def __init__(self):
         super().__init__("recorder_node")
         self.cfg = cfg = params.declare(self, PARAMETERS)
         self.dataset = DatasetWriter(cfg.output_dir, log=self.get_logger().info)  # ValueError: unusable directory
-        self.writer: RawEpisodeWriter | None = None
-        self.episode: dict = {}  # the open episode: id, path, announced metadata
-        self.counts: dict[str, int] = {}
+        self.next_episode = max((e["episode"] for e in self.dataset.episodes), default=-1) + 1
+        self.bag: Bag | None = None
+        self.requested = False  # ~/record state, ahead of the bag by the reorder window
+        self.pending: list = []  # heap of (received, sequence, key or event, data)
+        self.sequence = itertools.count()
         self.instruction: bytes | None = None  # the newest, written at the start of every bag
         if cfg.follow_episodes:
             self.create_subscription(String, cfg.episode_topic, self.on_episode_info, qos.LATCHED_READER)
         for key, profile in RECORDED.items():
             if key != "wrist_image" or cfg.wrist_camera:
                 self.create_subscription(message_class(MSG_TYPES[key]), TOPICS[key],
-                                         lambda data, key=key: self.on_message(key, data), profile, raw=True)
+                                         lambda data, info, key=key: self.queue(info["received_timestamp"], key, data),
+                                         profile, raw=True)
         self.create_service(SetBool, "~/record", self.on_record)
+        self.create_timer(0.05, lambda: self.apply(self.now() - round(cfg.reorder_window * 1e9)))
         mode = f"following {cfg.episode_topic}" if cfg.follow_episodes else "start/stop with ~/record"
         self.get_logger().info(f"recording into {cfg.output_dir} ({mode})")
 
     def close(self) -> None:
-        if self.writer is not None:
+        self.apply(None)
+        if self.bag is not None:
             if self.cfg.follow_episodes:  # an episode cut short has no result
                 self.discard("shutdown before the episode ended")
             else:
-                self.stop(self.robot_info())
+                self.finish(self.robot_info())
         self.dataset.close()
 
-    # ---- episodes ------------------------------------------------------------------------------
-    def start(self, announced: dict | None = None) -> None:
-        ids = [e["episode"] for e in self.dataset.episodes]
-        episode = max(ids, default=-1) + 1
-        path = self.dataset.root / PARTIAL / episode_name(episode)
-        shutil.rmtree(path, ignore_errors=True)
-        self.writer = RawEpisodeWriter(path, self.cfg.wrist_camera)
-        self.episode = {"episode": episode, "path": path, "announced": announced or {}}
-        self.counts = dict.fromkeys(RECORDED, 0)
-        if self.instruction is not None:  # published (latched) before the episode began
-            self.write("instruction", self.instruction)
-        self.get_logger().info(f"recording {episode_name(episode)}")
+    def now(self) -> int:
+        return self.get_clock().now().nanoseconds
 
-    def stop(self, info: dict) -> str:
-        """Close the bag with `info`, move it into the dataset and list it; returns its name."""
-        if not self.counts["action"]:
-            self.discard("no actions were recorded")
-            return ""
-        name, partial = episode_name(self.episode["episode"]), self.episode["path"]
-        self.writer.close(info | {"episode": self.episode["episode"]})
-        self.writer = None
-        os.rename(partial, self.dataset.root / name)
-        fsync_dir(self.dataset.root)
-        self.dataset.add(info | {"episode": self.episode["episode"], "path": name,
-                                 "bytes": dir_bytes(self.dataset.root / name)})
+    # ---- receive order ---------------------------------------------------------------------------
+    def queue(self, received: int, what: str, data) -> None:
+        heapq.heappush(self.pending, (received, next(self.sequence), what, data))
+
+    def apply(self, until: int | None) -> None:
+        """Apply what was received up to `until` (ns; None: everything), in the order received."""
+        while self.pending and (until is None or self.pending[0][0] <= until):
+            received, _, what, data = heapq.heappop(self.pending)
+            if what == START:
+                self.start(received)
+            elif what == STOP:
+                self.finish(self.robot_info())
+            elif what == EPISODE:
+                if data["done"] and self.bag is not None:
+                    self.finish({key: value for key, value in data.items() if key != "done"})
+                if self.bag is None:
+                    self.start(received)
+            else:
+                if what == "instruction":
+                    self.instruction = data
+                if self.bag is not None:
+                    self.bag.write(what, received, data)
+
+    # ---- bags ------------------------------------------------------------------------------------
+    def start(self, received: int) -> None:
+        path = self.dataset.root / PARTIAL / episode_name(self.next_episode)
+        shutil.rmtree(path, ignore_errors=True)
+        self.bag = Bag(self.next_episode, RawEpisodeWriter(path, self.cfg.wrist_camera))
+        self.next_episode += 1
+        if self.instruction is not None:  # latched before the episode began
+            self.bag.write("instruction", received, self.instruction)
+        self.get_logger().info(f"recording {episode_name(self.bag.episode)}")
+
+    def finish(self, info: dict) -> None:
+        """Close the bag, move it into the dataset and list it in the manifest."""
+        bag, counts = self.bag, self.bag.counts
+        if not counts["action"]:
+            return self.discard("no actions were recorded")
+        if counts["action"] != info["steps"] or min(counts["image"], counts["joint_states"]) < info["steps"]:
+            return self.discard(f"{info['steps']} steps, but {counts['action']} actions, {counts['image']} images "
+                                f"and {counts['joint_states']} joint states recorded (started during the episode?)")
+        name, root = episode_name(bag.episode), self.dataset.root
+        info |= {"episode": bag.episode}
+        bag.writer.close(info)
+        self.bag = None
+        os.rename(root / PARTIAL / name, root / name)
+        fsync_dir(root)
+        self.dataset.add(info | {"path": name, "bytes": dir_bytes(root / name)})
         self.dataset.save()  # list it now: readers use only what the manifest lists
-        self.get_logger().info(f"recorded {name}: {self.counts['action']} actions, success {info['success']}")
-        return name
+        self.get_logger().info(f"recorded {name}: {counts['action']} actions, success {info['success']}")
 
     def discard(self, why: str) -> None:
-        self.writer.abort()
-        shutil.rmtree(self.episode["path"], ignore_errors=True)
-        self.writer = None
-        self.get_logger().warning(f"discarded {episode_name(self.episode['episode'])}: {why}")
+        self.bag.writer.abort()
+        shutil.rmtree(self.dataset.root / PARTIAL / episode_name(self.bag.episode), ignore_errors=True)
+        self.get_logger().warning(f"discarded {episode_name(self.bag.episode)}: {why}")
+        self.bag = None
 
     def robot_info(self) -> dict:
         """Metadata of an episode recorded through ~/record (no simulator to say seed or success)."""
         instruction = deserialize_message(self.instruction, String).data if self.instruction else ""
         return {"format": FORMAT, "source": "recorder_node", "task": self.cfg.task, "instruction": instruction,
-                "seed": None, "success": None, "steps": self.counts["action"], "control_hz": self.cfg.control_hz}
+                "seed": None, "success": None, "steps": self.bag.counts["action"], "control_hz": self.cfg.control_hz}
 
     # ---- callbacks ---------------------------------------------------------------------------------
-    def on_message(self, key: str, data: bytes) -> None:
-        if key == "instruction":
-            self.instruction = data
-        if self.writer is not None:
-            self.write(key, data)
-
-    def write(self, key: str, data: bytes) -> None:
-        self.writer.write_raw(key, self.get_clock().now().nanoseconds, data)
-        self.counts[key] += 1
-
-    def on_episode_info(self, msg: String) -> None:
+    def on_episode_info(self, msg: String, message_info) -> None:
         try:
             info = json.loads(msg.data)
-            seed, done = info["seed"], info["done"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            self.get_logger().warning(f"ignoring episode info {msg.data[:80]!r}: {exc}")
+        except json.JSONDecodeError as exc:
+            info = {"error": str(exc)}
+        if not isinstance(info, dict) or not {"done", "steps", "success"} <= info.keys():
+            self.get_logger().warning(f"ignoring episode info {msg.data[:80]!r}: not JSON with done, steps, success")
             return
-        if not done:
-            if self.writer is not None:
-                self.discard("a new episode started before it ended")
-            self.start(info)
-        elif self.writer is not None and self.episode["announced"].get("seed") == seed:
-            self.stop({key: value for key, value in info.items() if key != "done"})
+        self.queue(message_info["received_timestamp"], EPISODE, info)
 
     def on_record(self, request: SetBool.Request, response: SetBool.Response) -> SetBool.Response:
-        if request.data == (self.writer is not None):
-            response.success = False
-            response.message = "already recording" if request.data else "not recording"
+        if request.data == self.requested:
+            response.success, response.message = False, "already recording" if request.data else "not recording"
             return response
-        if request.data:
-            self.start()
-            response.message = f"recording {episode_name(self.episode['episode'])}"
-        else:
-            name = self.stop(self.robot_info())
-            response.message = f"recorded {name}" if name else "discarded: no actions were recorded"
+        self.requested = request.data
+        self.queue(self.now(), START if request.data else STOP, None)
         response.success = True
+        response.message = ("recording (from now)" if request.data else
+                            "stopped: the episode is listed in the manifest once written")
         return response
 
 

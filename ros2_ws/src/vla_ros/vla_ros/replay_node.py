@@ -4,8 +4,8 @@ Messages go out as the CDR bytes stored in the bag (header stamps are the record
 log times scaled by 1 / rate, from a thread of their own: a sleep to just before each message is
 due, then a short spin, so that the timing error stays well under a millisecond on an idle machine.
 A second thread reads (and decompresses) the bag ahead. Latched topics (instruction, episode info)
-are published transient-local, as recorded. It plays once `start_delay` after start, and again on
-~/play (std_srvs/Trigger).
+are published transient-local, as recorded. It plays `start_delay` after start (autoplay) and after
+each ~/play (std_srvs/Trigger).
 """
 from __future__ import annotations
 
@@ -30,8 +30,10 @@ PARAMETERS = {
     "bag": ("", "the episode: a rosbag2 directory or an .mcap file"),
     "rate": (1.0, "playback speed factor"),
     "start_delay": (1.0, "seconds from start (or ~/play) to the first message, for subscribers to connect"),
+    "autoplay": (True, "play once at start; otherwise wait for ~/play"),
 }
 SPIN_S = 0.002  # the last stretch before a message is due is spun, not slept: sleep overshoots
+SWITCH_INTERVAL_S = 0.0005  # other threads hold the interpreter at most this long (Python's default: 5 ms)
 LATCHED_TOPICS = {TOPICS[key] for key in LATCHED}
 _END = object()
 
@@ -46,7 +48,7 @@ class ReplayNode(Node):
             raise ValueError(f"parameter rate={cfg.rate} must be positive")
         self.path = bag_path(cfg.bag)
         with AnyReader([self.path]) as reader:
-            connections = reader.connections
+            connections = list(reader.connections)
             self.duration = reader.duration / 1e9 if reader.message_count else 0.0
         self.publishers_by_topic = {}
         for connection in connections:
@@ -55,11 +57,13 @@ class ReplayNode(Node):
             profile = qos.LATCHED_WRITER if connection.topic in LATCHED_TOPICS else qos.RELIABLE
             self.publishers_by_topic[connection.topic] = self.create_publisher(
                 message_class(connection.msgtype), connection.topic, profile)
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         self.stopping = threading.Event()
         self.player: threading.Thread | None = None
         self.create_service(Trigger, "~/play", self.on_play)
         self.get_logger().info(f"{self.path}: {len(self.publishers_by_topic)} topics, {self.duration:.2f} s")
-        self.play()
+        if cfg.autoplay:
+            self.play()
 
     def close(self) -> None:
         self.stopping.set()

@@ -26,7 +26,8 @@ def run(name: str, make_node) -> int:
         node = make_node()
         executor = SingleThreadedExecutor()
         executor.add_node(node)
-        executor.spin()
+        while True:  # a bounded wait, so that the signal handler gets to run in an idle node
+            executor.spin_once(timeout_sec=0.1)
     except KeyboardInterrupt:
         pass
     except (ValueError, OSError) as exc:

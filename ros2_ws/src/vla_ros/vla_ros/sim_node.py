@@ -44,6 +44,7 @@ PARAMETERS = {
     "max_steps": (0, "episode step limit; 0: the task's own"),
     "step_on_command": (False, "lockstep: step once per command answering the last observation (see the module doc)"),
     "auto_reset": (True, "start the next episode when one ends; otherwise wait for ~/reset"),
+    "start_delay": (1.0, "seconds from start to the first episode, for subscribers to connect [s]"),
     "lockstep_timeout": (2.0, "lockstep: publish the observation again (fresh stamps) when no command has answered "
                               "it for this many seconds, e.g. while the policy node starts [s]"),
     "command_timeout": (0.0, "real time: zero motion when the newest twist is older than this [s]; "
@@ -96,13 +97,16 @@ class SimNode(Node):
         else:
             self.create_timer(1.0 / sim.control_hz, self.on_tick)
         self.get_logger().info(f"{cfg.task}: {'lockstep' if self.lockstep else 'real time'} at {sim.control_hz} Hz")
-        self.start_episode()
+        self.starter = self.create_timer(cfg.start_delay, self.start_episode)
 
     def close(self) -> None:
         self.env.close()
 
     # ---- episodes --------------------------------------------------------------------------------
     def start_episode(self) -> None:
+        if self.starter is not None:  # the first episode (start_delay, or ~/reset before it)
+            self.destroy_timer(self.starter)
+            self.starter = None
         seed = self.next_seed
         self.next_seed += 1
         self.obs, _ = self.env.reset(seed=seed)

@@ -9,11 +9,14 @@ from pathlib import Path
 import yaml
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, OpaqueFunction
-from launch.substitutions import LaunchConfiguration
+from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironmentVariable
+from launch.substitutions import EnvironmentVariable, LaunchConfiguration
 from launch_ros.actions import Node
 
 CONFIG = Path(get_package_share_directory("vla_ros")) / "config"
+# Camera images in shared memory (see config/fastdds.xml), unless a Fast DDS profile is set already.
+FASTDDS_PROFILE = SetEnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE", EnvironmentVariable(
+    "FASTDDS_DEFAULT_PROFILES_FILE", default_value=str(CONFIG / "fastdds.xml")))
 
 
 def nodes(context):
@@ -27,5 +30,6 @@ def generate_launch_description():
     return LaunchDescription([
         DeclareLaunchArgument("bag", description="episode: rosbag2 directory or .mcap file"),
         DeclareLaunchArgument("rate", default_value="", description="playback speed factor (default: its YAML)"),
+        FASTDDS_PROFILE,
         OpaqueFunction(function=nodes),
     ])

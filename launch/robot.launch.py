@@ -15,11 +15,14 @@ from pathlib import Path
 import yaml
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, OpaqueFunction
-from launch.substitutions import LaunchConfiguration
+from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironmentVariable
+from launch.substitutions import EnvironmentVariable, LaunchConfiguration
 from launch_ros.actions import Node
 
 CONFIG = Path(get_package_share_directory("vla_ros")) / "config"
+# Camera images in shared memory (see config/fastdds.xml), unless a Fast DDS profile is set already.
+FASTDDS_PROFILE = SetEnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE", EnvironmentVariable(
+    "FASTDDS_DEFAULT_PROFILES_FILE", default_value=str(CONFIG / "fastdds.xml")))
 TOPICS = {"camera": "/camera/image_raw", "joint_states": "/joint_states", "imu": "/imu/data",
           "instruction": "/vla/instruction", "cmd_twist": "/vla/cmd_twist", "gripper": "/vla/gripper",
           "action": "/vla/action"}
@@ -42,4 +45,4 @@ def generate_launch_description():
                  for name, topic in TOPICS.items()]
     arguments += [DeclareLaunchArgument(name, default_value="", description="policy_node parameter (default: its YAML)")
                   for name in OVERRIDES]
-    return LaunchDescription(arguments + [OpaqueFunction(function=nodes)])
+    return LaunchDescription(arguments + [FASTDDS_PROFILE, OpaqueFunction(function=nodes)])

@@ -11,12 +11,15 @@ from pathlib import Path
 import yaml
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironmentVariable
 from launch.conditions import IfCondition
-from launch.substitutions import LaunchConfiguration
+from launch.substitutions import EnvironmentVariable, LaunchConfiguration
 from launch_ros.actions import Node
 
 CONFIG = Path(get_package_share_directory("vla_ros")) / "config"
+# Camera images in shared memory (see config/fastdds.xml), unless a Fast DDS profile is set already.
+FASTDDS_PROFILE = SetEnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE", EnvironmentVariable(
+    "FASTDDS_DEFAULT_PROFILES_FILE", default_value=str(CONFIG / "fastdds.xml")))
 OVERRIDES = {"policy": "policy_node", "device": "policy_node", "backend": "policy_node", "task": "sim_node",
              "output_dir": "recorder_node"}
 
@@ -43,4 +46,4 @@ def generate_launch_description():
     arguments = [DeclareLaunchArgument(name, default_value="", description=f"{owner} parameter (default: its YAML)")
                  for name, owner in OVERRIDES.items()]
     arguments.append(DeclareLaunchArgument("record", default_value="false", description="record every episode"))
-    return LaunchDescription(arguments + [OpaqueFunction(function=nodes)])
+    return LaunchDescription(arguments + [FASTDDS_PROFILE, OpaqueFunction(function=nodes)])

@@ -22,7 +22,7 @@ rclpy = pytest.importorskip("rclpy")
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from geometry_msgs.msg import TwistStamped  # noqa: E402
 from lifecycle_msgs.srv import ChangeState, GetState  # noqa: E402
-from rcl_interfaces.srv import GetParameters  # noqa: E402
+from rcl_interfaces.srv import GetParameters, SetParameters  # noqa: E402
 from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
 from rclpy.serialization import deserialize_message  # noqa: E402
@@ -49,14 +49,17 @@ CHECKPOINT = CHECKPOINT_DIR / "default"
 NODES = ("policy_node", "sim_node", "recorder_node", "replay_node")
 NEEDS_CHECKPOINT = pytest.mark.skipif(not CHECKPOINT.is_dir(), reason=f"no shipped checkpoint at {CHECKPOINT}")
 PERIOD = 0.1  # control period of the policy node in these tests (10 Hz)
+FASTDDS_PROFILE = "FASTDDS_DEFAULT_PROFILES_FILE"
 
 
 @pytest.fixture(scope="module", autouse=True)
 def ros_domain():
-    """A DDS domain of this test run's own on loopback, for this process and the nodes it starts."""
-    saved = {k: os.environ.get(k) for k in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE")}
+    """A DDS domain of this test run's own on loopback, for this process and the nodes it starts,
+    with the Fast DDS profile the launch files use."""
+    saved = {k: os.environ.get(k) for k in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE", FASTDDS_PROFILE)}
     os.environ["ROS_DOMAIN_ID"] = str(1 + os.getpid() % 100)
     os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+    os.environ.setdefault(FASTDDS_PROFILE, str(CONFIG / "fastdds.xml"))
     rclpy.init()
     try:
         yield
@@ -197,14 +200,14 @@ def holding_reasons(ros: Harness) -> list[str]:
 
 # ---- launch files and parameter files ---------------------------------------------------------------
 def launch_references(path: Path) -> tuple[set[str], set[str]]:
-    """Executables and YAML files that a launch file names (read from its source: `launch` is not
-    installable with pip)."""
+    """Executables and configuration files that a launch file names (read from its source: `launch`
+    is not installable with pip)."""
     tree = ast.parse(path.read_text())
     executables, configs = set(), set()
     for node in ast.walk(tree):
         if isinstance(node, ast.keyword) and node.arg == "executable" and isinstance(node.value, ast.Constant):
             executables.add(node.value.value)
-        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.endswith(".yaml"):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.endswith((".yaml", ".xml")):
             configs.add(node.value)
     return executables, configs
 
@@ -216,14 +219,16 @@ def test_launch_files_name_existing_executables_and_parameter_files():
     named = set()
     for path in launch_files:
         executables, configs = launch_references(path)
-        assert executables and configs, f"{path.name} names no node or parameter file"
+        assert executables and configs, f"{path.name} names no node or configuration file"
         for executable in executables:
             assert executable in NODES and f'"{executable}"' in setup, f"{path.name}: unknown executable {executable}"
             assert (BIN / executable).is_file(), f"console script {executable} is not installed"
         for config in configs:
-            assert (CONFIG / config).is_file(), f"{path.name}: no parameter file config/{config}"
+            assert (CONFIG / config).is_file(), f"{path.name}: no file config/{config}"
+        assert "fastdds.xml" in configs, f"{path.name} does not set the Fast DDS profile"
         named |= configs
-    assert named == {p.name for p in CONFIG.glob("*.yaml")}, "a parameter file no launch file uses"
+    assert named == {p.name for p in CONFIG.iterdir()}, "a configuration file no launch file uses"
+    assert 'glob("config/*.yaml") + glob("config/*.xml")' in setup, "setup.py installs the configuration files"
 
 
 def get_parameters(ros: Harness, node: str, names: list[str]) -> dict:
@@ -597,25 +602,50 @@ def test_replay_publishes_a_recorded_episode_with_its_timing(sim_loop, ros):
 
 
 def test_sim_node_in_real_time_and_its_reset_service(ros):
-    """Real-time mode: the sim steps at its control rate (10 Hz) with the newest command, publishing
-    each step's 12 IMU samples; ~/reset starts the next seed."""
-    infos, arrivals = [], []
-    ros.node.create_subscription(String, T.TOPICS["episode_info"],
-                                 lambda m: (infos.append(json.loads(m.data)), arrivals.append(time.monotonic())),
-                                 qos.LATCHED_READER)
-    imu = []
-    ros.node.create_subscription(Imu, T.TOPICS["imu"], imu.append, QoSProfile(depth=1000, reliability=ReliabilityPolicy.BEST_EFFORT))
+    """Real-time mode: the sim steps at its control rate (10 Hz) with the newest command, and
+    publishes the IMU at 120 Hz (stamps); ~/reset starts the next seed."""
+    infos = episode_infos(ros)
+    stamps = {"joint_states": [], "imu": []}
+    sensors = QoSProfile(depth=1000, reliability=ReliabilityPolicy.BEST_EFFORT)
+    subscriptions = [
+        ros.node.create_subscription(msg_type, T.TOPICS[key], lambda m, key=key: stamps[key].append(T.stamp_from_header(m.header)),
+                                     sensors)
+        for key, msg_type in (("joint_states", JointState), ("imu", Imu))]
     ros.start("policy_node", policy="random")
-    ros.start("sim_node", step_on_command=False, auto_reset=False, max_steps=10, seed=7, start_delay=2.0)
+    ros.start("sim_node", step_on_command=False, auto_reset=False, max_steps=10, seed=7, start_delay=600.0)
+    ros.spin_until(lambda: all(s.get_publisher_count() for s in subscriptions), 30, "the sim's publishers")
+    assert json.loads(ros.call(Trigger, "/sim_node/reset", Trigger.Request()).message)["seed"] == 7  # the first episode
     ros.spin_until(lambda: any(i["done"] for i in infos), 30, "the end of the episode")
-    start, end = (next(t for t, i in zip(arrivals, infos) if i["done"] == done) for done in (False, True))
     assert infos[-1]["seed"] == 7 and infos[-1]["steps"] == 10
-    assert 0.8 <= end - start <= 1.5, f"10 steps took {end - start:.2f} s at 10 Hz"  # 0.9 .. 1.0 s, and jitter
-    assert len(imu) >= 12 * 10  # the first window, then 12 per step (the last one is not published)
+    step = np.median(np.diff(stamps["joint_states"])) / 1e9
+    imu = np.median(np.diff(stamps["imu"])) / 1e9
+    assert 0.09 <= step <= 0.11 and abs(imu - 1 / 120) < 1e-4, (step, imu)
     response = ros.call(Trigger, "/sim_node/reset", Trigger.Request())
     assert response.success and json.loads(response.message)["seed"] == 8
     ros.spin_until(lambda: infos[-1]["seed"] == 8 and not infos[-1]["done"], 5, "the next episode's start")
     assert infos[-1]["instruction"] == json.loads(response.message)["instruction"]
+    request = SetParameters.Request(parameters=[rclpy.parameter.Parameter("instruction", value="touch the red cube").to_parameter_msg()])
+    assert ros.call(SetParameters, "/sim_node/set_parameters", request).results[0].successful
+    ros.spin_until(lambda: infos[-1]["instruction"] == "touch the red cube", 5, "the new instruction announced")
+
+
+def test_recorder_service_records_a_robot_episode(ros, policy_with_robot, tmp_path):
+    """~/record true ... false around a policy driving a (fake) robot gives an episode that the
+    dataset tools read."""
+    dataset = tmp_path / "dataset"
+    ros.start("recorder_node", CONFIG / "recorder.yaml", output_dir=dataset, task="touch")
+    assert ros.call(SetBool, "/recorder_node/record", SetBool.Request(data=False)).message == "not recording"
+    assert ros.call(SetBool, "/recorder_node/record", SetBool.Request(data=True)).success
+    ros.spin_for(2.0)
+    assert ros.call(SetBool, "/recorder_node/record", SetBool.Request(data=False)).success
+    ros.spin_until(lambda: load_manifest(dataset), 10, "the episode listed")
+    [listed] = load_manifest(dataset)
+    episode = read_episode(dataset / listed["path"])
+    assert episode.info["source"] == "recorder_node" and episode.info["task"] == "touch"
+    assert episode.info["instruction"] == "touch the red cube" and episode.info["success"] is None
+    assert 15 <= len(episode) == episode.info["steps"] <= 25  # 2 s at 10 Hz
+    steps = episode.steps(imu_window=12)  # an observation for every action
+    assert steps["images"].shape == (len(episode), 96, 96, 3) and steps["instructions"][0] == "touch the red cube"
 
 
 # ---- with the shipped checkpoint (policies/checkpoints/default) --------------------------------------
@@ -642,6 +672,7 @@ def test_camera_formats_drive_the_policy_the_same(ros):
     got = []
     ros.node.create_subscription(Float32MultiArray, T.TOPICS["action"], lambda m: got.append(np.array(m.data)), qos.RELIABLE)
     wait_active(ros)
+    ros.spin_until(lambda: all(p.get_subscription_count() for p in (camera, joints, imu)), 30, "the policy's subscriptions")
     for fmt in ("rgb8", "bgr8"):
         instruction.publish(String(data=frames[0][0]["instruction"]))  # a new episode: the policy is reset
         ros.spin_for(0.3)

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from sim import TASKS, SimConfig
 from vla.config import ConfigError, from_dict, to_dict
-from vla.model.checkpoint import load_checkpoint, read_meta, save_checkpoint
+from vla.model.checkpoint import load_checkpoint, save_checkpoint
 from vla.model.config import ModelConfig
 from vla.model.model import VLAModel
 
@@ -335,7 +335,8 @@ def train(config: TrainConfig, index=None, resume: str | Path | None = None, pro
             index = open_dataset(config, progress)
         if procs.world > 1:
             dist.barrier()
-        index = index or open_dataset(config, False)
+        if index is None:
+            index = open_dataset(config, False)
 
     resume_dir = None if resume is None else latest_checkpoint(out_dir) if resume == "latest" else Path(resume)
     if resume_dir is not None:
@@ -375,12 +376,15 @@ def train(config: TrainConfig, index=None, resume: str | Path | None = None, pro
             if logger:
                 logger.log(done, metrics, scheduler.get_last_lr()[0], config.optim.batch_size)
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", **{f"acc_{d[:3]}": f"{metrics[f'accuracy_{d}']:.3f}" for d in config.model.decoders})
-        if procs.main and (done % config.save_every == 0 or done == config.optim.steps):
-            save_step(model, config, out_dir, done, optimizer, scheduler)
-        if procs.main and ((config.eval.every and done % config.eval.every == 0) or done == config.optim.steps):
-            logger.pause()
-            logger.log_eval(done, evaluate(model, config))
-            model.train()
+        save = done % config.save_every == 0 or done == config.optim.steps
+        evaluate_now = (config.eval.every and done % config.eval.every == 0) or done == config.optim.steps
+        if procs.main and (save or evaluate_now):
+            logger.pause()  # samples/s counts training only
+            if save:
+                save_step(model, config, out_dir, done, optimizer, scheduler)
+            if evaluate_now:
+                logger.log_eval(done, evaluate(model, config))
+                model.train()
             logger.resume()
     bar.close()
     if procs.main:

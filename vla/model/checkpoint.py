@@ -112,12 +112,26 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> VLA
     tokenizer = _load_tokenizer(path, meta)
     lm_config = dict(meta["lm_config"])
     try:
-        lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(lm_config.pop("model_type"), **lm_config))
-        model = VLAModel(config, stats, tokenizer, lm)
+        lm_config = AutoConfig.for_model(lm_config.pop("model_type"), **lm_config)
+        _check_lm_config(config, lm_config, config_file)
+        model = VLAModel(config, stats, tokenizer, AutoModelForCausalLM.from_config(lm_config))
     except (KeyError, ValueError) as exc:
         raise CheckpointError(f"{config_file}: cannot build the model: {exc}") from exc
     _load_weights(model, path / WEIGHTS_FILE)
     return model.to(device).eval()
+
+
+def _check_lm_config(config: ModelConfig, lm_config, file: Path) -> None:
+    """A from-scratch LM was built from the model section: both must still agree."""
+    if config.pretrained:
+        return
+    pairs = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads"}
+    differ = [f"model.{ours}={getattr(config, ours)} but lm_config.{theirs}={getattr(lm_config, theirs, None)}"
+              for ours, theirs in pairs.items() if getattr(config, ours) != getattr(lm_config, theirs, None)]
+    if config.lm_type != lm_config.model_type:
+        differ.append(f"model.lm_type={config.lm_type} but lm_config is {lm_config.model_type}")
+    if differ:
+        raise CheckpointError(f"{file}: the model section does not match the LM config ({'; '.join(differ)})")
 
 
 def _check_stats(stats: dict, config: ModelConfig, file: Path) -> dict:

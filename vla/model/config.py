@@ -22,8 +22,8 @@ class ModelConfig:
     # PaLM-E multimodal sentence. "<image>" etc. are replaced by sensor tokens, "{instruction}" by
     # the instruction's text tokens; an action-start token is appended. The model reads only the
     # sensors named here (<image> is required; <state>, <imu>, <wrist_image> are optional).
-    prompt: str = "<image> <state> <imu> {instruction}"
-    max_text_tokens: int = 16  # text tokens of the prompt; longer instructions are cut at the end
+    prompt: str = "<image><state><imu>{instruction}"
+    max_text_tokens: int = 12  # text tokens of the prompt; longer instructions are cut at the end
     # ---- vision ----
     # "cnn": strided convolutions; "vit": patch embedding + transformer layers; both give
     # (image_size / patch_size)^2 patch tokens (96 / 16 -> 36). "keypoints": `keypoints` tokens,
@@ -33,7 +33,7 @@ class ModelConfig:
     keypoints: int = 32
     vision_width: int = 64
     vision_layers: int = 2  # transformer layers of the "vit" encoder
-    vision_film: bool = False  # condition the convolutions on the instruction (FiLM, RT-1)
+    vision_film: bool = True  # condition the convolutions on the instruction (FiLM, RT-1)
     # ---- language model ----
     # Built from a transformers config of this model type and trained from scratch, unless
     # `pretrained` names a local directory holding a causal LM (and its tokenizer).
@@ -45,7 +45,7 @@ class ModelConfig:
     intermediate_size: int = 384
     text_vocab_size: int = 512  # byte-level BPE trained on the task instructions (from scratch only)
     # ---- actions ----
-    chunk: int = 1  # predict this many future actions per step
+    chunk: int = 4  # predict this many future actions per step (more supervision per sample, too)
     action_bins: int = 256
     decoders: tuple[str, ...] = ("parallel",)  # trained decoders; the first is the default at inference
 

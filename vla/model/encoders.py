@@ -48,7 +48,7 @@ class ImageEncoder(nn.Module):
             self.head = nn.Conv2d(width, config.keypoints, 1)
             self.keypoint = nn.Linear(3, width)
         else:
-            self.convs = ConvStack([5], 0)  # no convolutions: nothing to modulate
+            self.convs = None
             self.head = nn.Conv2d(5, width, config.patch_size, stride=config.patch_size)
             layer = nn.TransformerEncoderLayer(width, max(1, width // 32), 4 * width, dropout=0.0,
                                                activation="gelu", batch_first=True, norm_first=True)
@@ -60,7 +60,7 @@ class ImageEncoder(nn.Module):
     def forward(self, image: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         x = image.permute(0, 3, 1, 2).float() / 127.5 - 1.0
         x = torch.cat([x, self.coordinates.expand(x.shape[0], -1, -1, -1)], dim=1)
-        x = self.head(self.convs(x, condition))
+        x = self.head(x if self.convs is None else self.convs(x, condition))
         if self.vision == "keypoints":
             x = self.keypoint(spatial_softmax(x))
         else:

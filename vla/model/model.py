@@ -5,8 +5,10 @@ The sequence, always the same length for a given config:
     [prompt with sensor tokens at its placeholders] [padding] <act> [k * 7 action positions]
      "<image>x36 <state> <imu> touch the red cube"
 
-Sensor tokens come from the encoders (encoders.py), text tokens from the LM's embedding table.
-Action bin b is the token id `action_offset + b`: reserved ids after the text vocabulary. The
+Sensor tokens come from the encoders (encoders.py), text tokens from the LM's embedding table;
+the image encoder is also FiLM-conditioned on the instruction's mean text embedding (RT-1), which
+is what made grounding "the red cube" in the image learnable from a few thousand demonstrations.
+Padding sits between the prompt and <act> and is masked out; position ids skip it. Action bin b is the token id `action_offset + b`: reserved ids after the text vocabulary. The
 action positions are filled either with the previous action tokens (autoregressive decoder,
 teacher-forced in training, one token at a time with a KV cache at inference, as RT-2) or with
 k * 7 learned action-query embeddings (parallel decoder, one forward pass, as OpenVLA-OFT; the

@@ -86,7 +86,10 @@ class PromptEncoder:
         return ids, ids != self.pad_id
 
     def _encode_one(self, instruction: str) -> list[int]:
-        text = self.config.prompt.format(instruction=instruction.strip())
+        special = [t for t in SPECIAL_TOKENS if t in instruction]
+        if special:
+            raise ValueError(f"instruction must not contain the special token(s) {special}: {instruction!r}")
+        text = self.config.prompt.replace("{instruction}", instruction.strip())
         ids, n_text = [], 0
         for token in self.tokenizer(text)["input_ids"]:
             if token in self._repeat:

@@ -162,14 +162,13 @@ class PolicyNode(LifecycleNode):
         self.stats = Stats(period_ns)
         # The instruction subscription comes first: when a new episode's instruction and observation
         # are waiting together, the executor serves subscriptions in creation order.
+        camera = (Image, cfg.camera_topic) if cfg.image_transport == "raw" else \
+            (CompressedImage, cfg.camera_topic + "/compressed")
         sub = self.create_subscription
-        self.input_subscriptions = [sub(String, cfg.instruction_topic, self.on_instruction, qos.LATCHED_READER)]
-        if cfg.image_transport == "raw":
-            self.input_subscriptions.append(sub(Image, cfg.camera_topic, self.on_camera, qos.SENSOR))
-        else:
-            self.input_subscriptions.append(sub(CompressedImage, cfg.camera_topic + "/compressed", self.on_camera, qos.SENSOR))
-        self.input_subscriptions += [sub(JointState, cfg.joint_states_topic, self.on_joint_states, qos.SENSOR),
-                                sub(Imu, cfg.imu_topic, self.on_imu, qos.SENSOR_QUEUED)]
+        self.input_subscriptions = [sub(String, cfg.instruction_topic, self.on_instruction, qos.LATCHED_READER),
+                                    sub(*camera, self.on_camera, qos.SENSOR),
+                                    sub(JointState, cfg.joint_states_topic, self.on_joint_states, qos.SENSOR),
+                                    sub(Imu, cfg.imu_topic, self.on_imu, qos.SENSOR_QUEUED)]
         pub = self.create_lifecycle_publisher
         self.action_pub = pub(Float32MultiArray, cfg.action_topic, qos.RELIABLE)
         self.gripper_pub = pub(Float64, cfg.gripper_topic, qos.RELIABLE)
@@ -317,7 +316,8 @@ class PolicyNode(LifecycleNode):
         values = {"state": state, "enabled": str(self.enabled), "policy": self.cfg.policy, "device": self.cfg.device,
                   "backend": self.cfg.backend, "trigger": self.cfg.trigger, "holding": ""}
         if not self.active:
-            status.level, status.message = DiagnosticStatus.ERROR if self.failure else DiagnosticStatus.STALE, self.failure or state
+            status.level = DiagnosticStatus.ERROR if self.failure else DiagnosticStatus.STALE
+            status.message = self.failure or state
         elif self.hold_kind is not None:
             status.level, status.message = DiagnosticStatus.WARN, f"holding: {self.hold_text}"
             values["holding"] = self.hold_text

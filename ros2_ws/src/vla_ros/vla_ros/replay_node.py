@@ -112,7 +112,8 @@ class ReplayNode(Node):
             late.append(time.perf_counter() - due)
         if late:
             ms = np.percentile(late, [50, 99]) * 1e3
-            self.get_logger().info(f"played {len(late)} messages; publish time error p50 {ms[0]:.3f} ms, p99 {ms[1]:.3f} ms")
+            self.get_logger().info(f"played {len(late)} messages; publish time error "
+                                   f"p50 {ms[0]:.3f} ms, p99 {ms[1]:.3f} ms")
 
 
 def main() -> None:

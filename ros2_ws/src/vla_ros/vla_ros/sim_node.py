@@ -159,7 +159,8 @@ class SimNode(Node):
         for sample, imu_stamp in zip(samples, T.imu_stamps(stamp, len(samples), self.env.config.imu_hz)):
             self.imu_pub.publish(fill(Imu(), T.imu_fields(sample, int(imu_stamp))))
         joints = p.getJointStates(self.env.robot.body, ARM_JOINTS + FINGER_JOINTS, physicsClientId=self.env.client)
-        self.joints_pub.publish(fill(JointState(), T.joint_state_fields([j[0] for j in joints], [j[1] for j in joints], stamp)))
+        positions, velocities = [j[0] for j in joints], [j[1] for j in joints]
+        self.joints_pub.publish(fill(JointState(), T.joint_state_fields(positions, velocities, stamp)))
         self.image_pub.publish(fill(Image(), T.image_fields(self.obs["image"], stamp)))
         self.waiting_for = stamp if self.lockstep else None
         self.published_at = time.monotonic()
@@ -181,12 +182,13 @@ class SimNode(Node):
         """Real time: one control step with the newest command, or zero motion when it is too old."""
         if not self.running:
             return
-        fresh = self.twist is not None and self.get_clock().now().nanoseconds - self.twist_time <= self.command_timeout_ns
-        self.step(self.twist if fresh else TwistStamped())
+        age = self.get_clock().now().nanoseconds - self.twist_time
+        self.step(self.twist if self.twist is not None and age <= self.command_timeout_ns else TwistStamped())
 
     def on_lockstep_timer(self) -> None:
         if self.waiting_for is not None and time.monotonic() - self.published_at > self.cfg.lockstep_timeout:
-            self.get_logger().info("no command for the current observation: publishing it again", throttle_duration_sec=10.0)
+            self.get_logger().info("no command for the current observation: publishing it again",
+                                   throttle_duration_sec=10.0)
             self.publish_observation(len(self.env.imu.samples))
 
     def step(self, twist: TwistStamped) -> None:

@@ -14,42 +14,37 @@ from collections import deque
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from sim.contracts import ACTION_DIM, clip_action
-from vla.model.checkpoint import load_checkpoint
-from vla.model.model import VLAModel
+from vla.runtime import Runtime, load_runtime
 
 EXECUTIONS = ("ensemble", "chunk")
 
 
 class VLAPolicy:
-    def __init__(self, model: VLAModel, decoder: str | None = None, execution: str = "ensemble",
-                 execute_steps: int = 0, ensemble_decay: float = 0.5):
+    """Executes the action chunks of a Runtime (vla.runtime: torch or onnx, CPU or CUDA)."""
+
+    def __init__(self, runtime: Runtime, execution: str = "ensemble", execute_steps: int = 0, ensemble_decay: float = 0.5):
         if execution not in EXECUTIONS:
             raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
-        chunk = model.config.chunk
+        chunk = runtime.chunk
         if not 0 <= execute_steps <= chunk:
             raise ValueError(f"execute_steps must be in 0..{chunk} (the chunk length; 0 = all), got {execute_steps}")
         if ensemble_decay < 0:
             raise ValueError(f"ensemble_decay must be >= 0, got {ensemble_decay}")
-        decoder = decoder or model.config.decoders[0]
-        if decoder not in model.config.decoders:
-            raise ValueError(f"decoder {decoder!r} was not trained for this model (trained: {list(model.config.decoders)})")
-        self.model, self.decoder, self.execution = model, decoder, execution
+        self.runtime, self.execution = runtime, execution
         self.execute_steps = execute_steps or chunk
         self.ensemble_decay = ensemble_decay
         self.reset("")
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "auto", **kwargs) -> "VLAPolicy":
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        return cls(load_checkpoint(path, device), **kwargs)
+    def from_checkpoint(cls, path: str | Path, backend: str = "torch", device: str = "auto", decoder: str | None = None,
+                        onnx: str | Path | None = None, **kwargs) -> "VLAPolicy":
+        return cls(load_runtime(path, backend, device, decoder, onnx), **kwargs)
 
     def reset(self, instruction: str) -> None:
         self.instruction, self.t = instruction, 0
-        self.chunks: deque[tuple[int, np.ndarray]] = deque(maxlen=self.model.config.chunk)  # (step predicted, [k, 7])
+        self.chunks: deque[tuple[int, np.ndarray]] = deque(maxlen=self.runtime.chunk)  # (step predicted, [k, 7])
         self.queue: deque[np.ndarray] = deque()
 
     def act(self, obs: dict) -> np.ndarray:
@@ -57,13 +52,12 @@ class VLAPolicy:
         if instruction != self.instruction:  # a new instruction mid-episode starts afresh
             self.reset(instruction)
         obs = {**obs, "instruction": instruction}
-        self.model.eval()
         if self.execution == "chunk":
             if not self.queue:
-                self.queue.extend(self.model.predict(obs, self.decoder)[0][: self.execute_steps])
+                self.queue.extend(self.runtime.predict(obs)[0][: self.execute_steps])
             action = self.queue.popleft()
         else:
-            self.chunks.append((self.t, self.model.predict(obs, self.decoder)[0]))
+            self.chunks.append((self.t, self.runtime.predict(obs)[0]))
             ages = np.array([self.t - start for start, _ in self.chunks])
             predictions = np.stack([chunk[age] for (_, chunk), age in zip(self.chunks, ages)])
             weights = np.exp(-self.ensemble_decay * ages)

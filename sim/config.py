@@ -17,6 +17,7 @@ class SimConfig:
     imu_noise: bool = True  # white noise and a per-episode bias
     gui: bool = False  # PyBullet GUI window instead of DIRECT
     shadows: bool = False
+    randomize_start: bool = True  # start each episode from a random arm pose
     randomize_lighting: bool = False
     randomize_shades: bool = False  # jitter each colour's RGB a little
     camera_jitter: float = 0.0  # metres of random camera eye/target offset per episode

@@ -16,6 +16,9 @@ from sim.sensors import SCENE_EYE, SCENE_TARGET, Camera, Imu, wrist_view
 from sim.tasks import make_task
 
 VIDEO_SIZE = 256
+# Episodes start with the grasp point somewhere in this box (base frame, metres), so that a policy
+# cannot infer where to go from the arm's state alone.
+START_LOW, START_HIGH = np.array([0.35, -0.15, 0.18]), np.array([0.55, 0.15, 0.32])
 
 
 class VLAEnv(gym.Env):
@@ -83,6 +86,8 @@ class VLAEnv(gym.Env):
         self.scene = Scene(c)
         self.scene.build_table()
         self.robot = Panda(c)
+        if cfg.randomize_start:
+            self.robot.reset_to(rng.uniform(START_LOW, START_HIGH), rng.uniform(-0.4, 0.4))
         colours = list(cfg.colours)
         self.instruction = self.task.build(self.scene, rng, colours, cfg.randomize_shades)
         jitter = rng.uniform(-cfg.camera_jitter, cfg.camera_jitter, (2, 3)) if cfg.camera_jitter else np.zeros((2, 3))

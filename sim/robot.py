@@ -64,15 +64,29 @@ class Panda:
         target = np.clip(pos + action[:3], WORKSPACE_LOW, WORKSPACE_HIGH)
         delta = p.getQuaternionFromEuler(action[3:6].tolist())
         _, target_quat = p.multiplyTransforms((0, 0, 0), delta, (0, 0, 0), quat)
-        q = p.calculateInverseKinematics(
-            self.body, EE_LINK, target.tolist(), target_quat,
-            lowerLimits=LOWER + [0, 0], upperLimits=UPPER + [MAX_FINGER] * 2,
-            jointRanges=RANGES + [MAX_FINGER] * 2, restPoses=HOME + [self.finger_target] * 2,
-            maxNumIterations=20, residualThreshold=1e-4, physicsClientId=self.client,
-        )
-        self.arm_targets = list(q[:7])
+        self.arm_targets = self._inverse_kinematics(target, target_quat)
         self.finger_target = float(action[6]) * MAX_FINGER
         self.apply_targets()
+
+    def reset_to(self, position, yaw: float) -> None:
+        """Place the arm (no motion) with the grasp point at `position`, pointing down, turned by
+        `yaw`: the start pose of an episode."""
+        quat = p.getQuaternionFromEuler((np.pi, 0.0, yaw))
+        for _ in range(3):  # IK from the current joints; a few rounds converge from HOME
+            q = self._inverse_kinematics(np.asarray(position), quat, iterations=50)
+            for j, value in zip(ARM_JOINTS, q):
+                p.resetJointState(self.body, j, value, physicsClientId=self.client)
+        self.arm_targets = q
+        self.apply_targets()
+
+    def _inverse_kinematics(self, position: np.ndarray, quat, iterations: int = 20) -> list[float]:
+        q = p.calculateInverseKinematics(
+            self.body, EE_LINK, position.tolist(), quat,
+            lowerLimits=LOWER + [0, 0], upperLimits=UPPER + [MAX_FINGER] * 2,
+            jointRanges=RANGES + [MAX_FINGER] * 2, restPoses=HOME + [self.finger_target] * 2,
+            maxNumIterations=iterations, residualThreshold=1e-4, physicsClientId=self.client,
+        )
+        return list(q[:7])
 
     def apply_targets(self) -> None:
         p.setJointMotorControlArray(self.body, ARM_JOINTS, p.POSITION_CONTROL, targetPositions=self.arm_targets, forces=ARM_FORCES, physicsClientId=self.client)

@@ -1,8 +1,6 @@
 """VLAPolicy: executing action chunks (temporal ensembling, open-loop chunks) behind the Policy API."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 
@@ -14,18 +12,15 @@ from test_model import tiny_model
 
 
 class ScriptedModel:
-    """Stands in for VLAModel: the chunk predicted at call n is n * 0.01 + 0.001 * (index in chunk)."""
+    """Stands in for a Runtime: the chunk predicted at call n is n * 0.01 + 0.001 * (index in chunk)."""
 
     def __init__(self, chunk: int):
-        self.config = SimpleNamespace(chunk=chunk, decoders=("parallel",))
+        self.chunk = chunk
         self.calls = 0
 
-    def eval(self):
-        return self
-
-    def predict(self, obs, decoder):
-        chunk = np.zeros((1, self.config.chunk, 7), np.float32)
-        chunk[0, :, 0] = self.calls * 0.01 + 0.001 * np.arange(self.config.chunk)
+    def predict(self, obs):
+        chunk = np.zeros((1, self.chunk, 7), np.float32)
+        chunk[0, :, 0] = self.calls * 0.01 + 0.001 * np.arange(self.chunk)
         self.calls += 1
         return chunk
 
@@ -68,12 +63,12 @@ def test_bad_settings():
         VLAPolicy(ScriptedModel(2), execution="sometimes")
     with pytest.raises(ValueError, match="execute_steps"):
         VLAPolicy(ScriptedModel(2), execution="chunk", execute_steps=3)
-    with pytest.raises(ValueError, match="was not trained"):
-        VLAPolicy(ScriptedModel(2), decoder="autoregressive")
 
 
 def test_checkpoint_policy_runs_closed_loop_in_sim(tmp_path):
     path = save_checkpoint(tiny_model(), tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="was not trained"):
+        load_policy(str(path), decoder="autoregressive")
     env = make_env("reach")
     try:
         policy = load_policy(str(path), env)

@@ -31,6 +31,20 @@ class Runtime:
         return actions.cpu().numpy()
 
 
+def torch_runtime(model: VLAModel, decoder: str | None = None, cuda_graphs: bool = False) -> Runtime:
+    """A runtime around a model already in memory (e.g. evaluation during training)."""
+    from vla.runtime.torch_backend import CudaGraphDecoder, TorchDecoder
+
+    decoder = decoder or model.config.decoders[0]
+    if decoder not in model.config.decoders:
+        raise ValueError(f"decoder {decoder!r} was not trained for this model (trained: {list(model.config.decoders)})")
+    device = model.device.type
+    if device == "cuda" and cuda_graphs:
+        return Runtime(model, CudaGraphDecoder(model, decoder), f"torch cuda cuda-graph bf16, {decoder}")
+    precision = "bf16 autocast" if device == "cuda" else "fp32"
+    return Runtime(model.eval(), TorchDecoder(model, decoder), f"torch {device} eager {precision}, {decoder}")
+
+
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -57,13 +71,4 @@ def load_runtime(checkpoint: str | Path, backend: str = "torch", device: str = "
         run = OnnxDecoder(session, model)
         return Runtime(model, run, f"onnxruntime {run.provider}, parallel")
 
-    from vla.runtime.torch_backend import CudaGraphDecoder, TorchDecoder
-
-    model = load_checkpoint(checkpoint, device)
-    decoder = decoder or model.config.decoders[0]
-    if decoder not in model.config.decoders:
-        raise ValueError(f"decoder {decoder!r} was not trained for this model (trained: {list(model.config.decoders)})")
-    if device.startswith("cuda") and cuda_graphs:
-        return Runtime(model, CudaGraphDecoder(model, decoder), f"torch {device} cuda-graph bf16, {decoder}")
-    precision = "bf16 autocast" if device.startswith("cuda") else "fp32"
-    return Runtime(model, TorchDecoder(model, decoder), f"torch {device} eager {precision}, {decoder}")
+    return torch_runtime(load_checkpoint(checkpoint, device), decoder, cuda_graphs)

@@ -16,6 +16,7 @@ from sim.sensors import SCENE_EYE, SCENE_TARGET, Camera, Imu, wrist_view
 from sim.tasks import make_task
 
 VIDEO_SIZE = 256
+TOUCH_DISTANCE = 0.05
 # Episodes start with the grasp point somewhere in this box (base frame, metres), so that a policy
 # cannot infer where to go from the arm's state alone.
 START_LOW, START_HIGH = np.array([0.35, -0.15, 0.18]), np.array([0.55, 0.15, 0.32])
@@ -54,7 +55,7 @@ class VLAEnv(gym.Env):
             self.episode_seed = int(self._seeds.integers(2**31))
         rng = np.random.default_rng(self.episode_seed)
         self._build_world(rng)
-        self.steps = 0
+        self.steps, self.touched = 0, None
         self._settle()
         return self._observation(), self._info(False)
 
@@ -63,7 +64,9 @@ class VLAEnv(gym.Env):
         self.robot.command(action)
         self._simulate(self.config.substeps)
         self.steps += 1
-        success = self.task.success(self.scene, self.robot.ee_pose()[0], self.robot.body)
+        ee = self.robot.ee_pose()[0]
+        success = self.task.success(self.scene, ee, self.robot.body)
+        self.touched = self.touched or self._first_touched(ee)
         truncated = self.steps >= self.max_steps and not success
         return self._observation(), float(success), success, truncated, self._info(success)
 
@@ -123,5 +126,15 @@ class VLAEnv(gym.Env):
             self.camera.view = saved
         return obs
 
+    def _first_touched(self, ee: np.ndarray) -> str | None:
+        """The object the gripper reaches first (grasp point within touch distance, or contact):
+        which object a policy went for, for language-grounding reports. Bins are not handled."""
+        for obj in self.scene.objects:
+            if obj.shape != "bin" and (np.linalg.norm(self.scene.position(obj) - ee) < TOUCH_DISTANCE
+                                       or self.scene.in_contact(obj.body, self.robot.body)):
+                return obj.name
+        return None
+
     def _info(self, success: bool) -> dict:
-        return {"success": success, "is_success": success, "task": self.task.name, "seed": self.episode_seed, "steps": self.steps}
+        return {"success": success, "is_success": success, "task": self.task.name, "seed": self.episode_seed,
+                "steps": self.steps, "target": self.task.target.name, "touched": self.touched}

@@ -10,7 +10,6 @@ from vla.model.model import VLAModel
 from vla.runtime import load_runtime
 from vla.runtime.export import ExportError, export_onnx
 from vla.runtime.onnx_backend import OnnxModelError
-from vla.runtime.torch_backend import static_autoregressive
 from transformers import StaticCache
 
 TINY = dict(image_size=32, patch_size=16, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
@@ -48,8 +47,8 @@ def test_static_cache_decoding_matches_dynamic_cache(tmp_path):
     with torch.inference_mode():
         expected = model.generate_autoregressive(**inputs)
         cache = StaticCache(config=model.lm.config, max_cache_len=model.config.prefix_length + model.config.action_tokens)
-        first = static_autoregressive(model, cache, **inputs)
-        again = static_autoregressive(model, cache, **inputs)  # the cache is reused, as in a CUDA graph
+        first = model.generate_autoregressive(**inputs, cache=cache)
+        again = model.generate_autoregressive(**inputs, cache=cache)  # rewound and reused, as in a CUDA graph
     assert torch.equal(first, expected) and torch.equal(again, expected)
 
 

@@ -55,7 +55,8 @@ def _convert(hint, value, where: str):
     return value
 
 
-def load_yaml(cls: type[T], path: str | Path) -> T:
+def read_yaml(path: str | Path) -> dict:
+    """A YAML mapping from a file, with errors that name the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -63,7 +64,9 @@ def load_yaml(cls: type[T], path: str | Path) -> T:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    return from_dict(cls, values, str(path))
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(values).__name__}")
+    return values
 
 
 def to_dict(config) -> dict:

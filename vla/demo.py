@@ -23,8 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     tasks = args.task or "all"
     if args.policy not in ("expert", "random") and args.task is None:
-        from vla.model.checkpoint import read_training_tasks  # torch-free metadata read
+        from vla.model.checkpoint import trained_tasks
 
-        tasks = ",".join(read_training_tasks(args.policy))
+        tasks = ",".join(trained_tasks(args.policy))
     args = argparse.Namespace(**{**vars(args), "task": tasks, "seed": rollout.EVAL_SEED_OFFSET, "image_size": 96, "gui": False})
     return rollout.run(args)

@@ -28,6 +28,8 @@ class EpisodeResult:
     success: bool
     steps: int
     instruction: str
+    target: str  # the object the instruction names
+    touched: str | None  # the object the gripper reached first (None: none)
 
 
 def run_episode(env, policy, seed: int, frames: list | None = None) -> EpisodeResult:
@@ -46,7 +48,7 @@ def run_episode(env, policy, seed: int, frames: list | None = None) -> EpisodeRe
         colour = (80, 255, 80) if success else (255, 80, 80)
         last = annotate(env.render(), [obs["instruction"], "SUCCESS" if success else "FAILED"], colour)
         frames.extend([last] * 5)
-    return EpisodeResult(env.task.name, seed, success, steps, obs["instruction"])
+    return EpisodeResult(env.task.name, seed, success, steps, obs["instruction"], info["target"], info["touched"])
 
 
 def run_episodes(tasks, make_policy, episodes: int, seed: int, config: SimConfig | None = None,
@@ -67,15 +69,19 @@ def run_episodes(tasks, make_policy, episodes: int, seed: int, config: SimConfig
 
 def success_table(results: list[EpisodeResult], title: str = "success") -> Table:
     table = Table(title=title)
-    for column in ("task", "episodes", "success rate", "mean steps"):
+    for column in ("task", "episodes", "success rate", "grounding", "mean steps"):
         table.add_column(column, justify="left" if column == "task" else "right")
-    for task in dict.fromkeys(r.task for r in results):
-        rows = [r for r in results if r.task == task]
-        rate = np.mean([r.success for r in rows])
-        table.add_row(task, str(len(rows)), f"{100 * rate:.1f} %", f"{np.mean([r.steps for r in rows]):.1f}")
-    overall = np.mean([r.success for r in results])
-    table.add_row("all", str(len(results)), f"{100 * overall:.1f} %", f"{np.mean([r.steps for r in results]):.1f}", style="bold")
+    groups = {task: [r for r in results if r.task == task] for task in dict.fromkeys(r.task for r in results)}
+    for task, rows in [*groups.items(), ("all", results)]:
+        table.add_row(task, str(len(rows)), f"{100 * np.mean([r.success for r in rows]):.1f} %",
+                      f"{100 * grounding_rate(rows):.1f} %", f"{np.mean([r.steps for r in rows]):.1f}",
+                      style="bold" if task == "all" else None)
+    table.caption = "grounding: episodes in which the first object the gripper reached is the instructed one"
     return table
+
+
+def grounding_rate(results: list[EpisodeResult]) -> float:
+    return float(np.mean([r.touched == r.target for r in results]))
 
 
 def parse_tasks(spec: str) -> list[str]:

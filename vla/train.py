@@ -33,7 +33,7 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from sim import TASKS, SimConfig
-from vla.config import ConfigError, from_dict, to_dict
+from vla.config import ConfigError, from_dict, read_yaml, to_dict
 from vla.model.checkpoint import load_checkpoint, save_checkpoint
 from vla.model.config import ModelConfig
 from vla.model.model import VLAModel
@@ -105,13 +105,7 @@ class TrainConfig:
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
     """The recipe at `path` with `key.sub=value` overrides (values parsed as YAML)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    values = read_yaml(path)
     for override in overrides:
         key, sep, text = override.partition("=")
         if not sep or not key:

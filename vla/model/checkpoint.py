@@ -99,6 +99,11 @@ def read_meta(path: str | Path) -> dict:
     return meta
 
 
+def trained_tasks(path: str | Path) -> list[str]:
+    """The tasks a checkpoint was trained on (recorded by `vla train`), without loading the model."""
+    return list(read_meta(path).get("training", {}).get("data", {}).get("tasks") or ["reach"])
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> VLAModel:
     """The model of a checkpoint directory, on `device`, in eval mode."""
     path = Path(path)

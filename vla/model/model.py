@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase, StaticCache
 
 from sim.contracts import ACTION_DIM, IMU_CHANNELS
 from vla.model.action_tokenizer import ActionTokenizer
@@ -149,11 +149,18 @@ class VLAModel(nn.Module):
         """Pure tensor function: -> logits [B, k * 7, bins] of all action tokens in one pass."""
         return self._parallel_logits(self.embed_prefix(image, state, imu, text_ids, text_mask, wrist_image))
 
-    def generate_autoregressive(self, image, state, imu, text_ids, text_mask, wrist_image=None) -> torch.Tensor:
+    def generate_autoregressive(self, image, state, imu, text_ids, text_mask, wrist_image=None, cache=None) -> torch.Tensor:
         """Greedy RT-2 decoding: one pass over the prefix, then one token at a time with the KV
-        cache. -> bins int64[B, k * 7]."""
+        cache (a fresh DynamicCache, or a preallocated StaticCache that is rewound and reused,
+        which keeps every shape static for CUDA graphs). -> bins int64[B, k * 7]."""
+        if cache is None:
+            cache = DynamicCache()
+        elif isinstance(cache, StaticCache):
+            for layer in cache.layers:
+                if layer.is_initialized:
+                    layer.cumulative_length.zero_()  # rewind in place: no host sync, graph-safe
         embeds, mask, positions = self.embed_prefix(image, state, imu, text_ids, text_mask, wrist_image)
-        hidden, cache = self._run_lm(embeds, mask, positions, cache=DynamicCache())
+        hidden, cache = self._run_lm(embeds, mask, positions, cache=cache)
         bins = []
         for i in range(self.config.action_tokens):
             bins.append(self._action_logits(hidden[:, -1]).argmax(-1))

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import torch
 
-from vla.model.checkpoint import load_checkpoint, read_meta
+from vla.model.checkpoint import load_checkpoint, trained_tasks
 from vla.model.model import VLAModel
 from vla.runtime.onnx_backend import METADATA_KEY, OnnxDecoder, export_metadata, input_names, open_session
 
@@ -120,14 +120,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    model_meta = read_meta(args.checkpoint)
     out = Path(args.onnx or Path(args.checkpoint) / "model.onnx")
     model = load_checkpoint(args.checkpoint, "cpu")
     if args.data:
         observations = dataset_observations(args.data, model, args.samples)
     else:
-        tasks = model_meta.get("train", {}).get("data", {}).get("tasks") or ["reach"]
-        observations = sim_observations(model, list(tasks), args.samples)
+        observations = sim_observations(model, trained_tasks(args.checkpoint), args.samples)
     report = export_onnx(model, args.checkpoint, out, observations, args.atol)
     print(f"wrote {out} ({report['bytes'] / 1e6:.1f} MB); validated on {report['samples']} observations: "
           f"{report['bins_disagreeing']} bins disagree, max logit error {report['max_abs_logit_error']:.2e}")

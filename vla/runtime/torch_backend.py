@@ -29,25 +29,6 @@ class TorchDecoder:
             return self.model.decode_bins(inputs, self.decoder)
 
 
-def static_autoregressive(model: VLAModel, cache: StaticCache, image, state, imu, text_ids, text_mask, wrist_image=None):
-    """RT-2 greedy decoding over a preallocated cache, with no host synchronisation."""
-    for layer in cache.layers:
-        if layer.is_initialized:
-            layer.cumulative_length.zero_()
-    embeds, mask, positions = model.embed_prefix(image, state, imu, text_ids, text_mask, wrist_image)
-    hidden, _ = model._run_lm(embeds, mask, positions, cache)
-    embedding = model.lm.get_input_embeddings()
-    bins = []
-    for i in range(model.config.action_tokens):
-        bins.append(model._action_logits(hidden[:, -1]).argmax(-1))
-        if i + 1 == model.config.action_tokens:
-            break
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-        positions = positions[:, -1:] + 1
-        hidden, _ = model._run_lm(embedding(model.action_offset + bins[-1]).unsqueeze(1), mask, positions, cache)
-    return torch.stack(bins, 1)
-
-
 class CudaGraphDecoder:
     """One CUDA graph per batch size, captured on first use. Parameters are cast to bf16 (buffers
     such as normalisation statistics stay fp32); matmuls run under bf16 autocast."""
@@ -66,7 +47,7 @@ class CudaGraphDecoder:
             return lambda **inputs: model.forward_parallel(**inputs).argmax(-1)
         length = model.config.prefix_length + model.config.action_tokens
         cache = StaticCache(config=model.lm.config, max_cache_len=length)
-        return lambda **inputs: static_autoregressive(model, cache, **inputs)
+        return lambda **inputs: model.generate_autoregressive(**inputs, cache=cache)
 
     @torch.inference_mode()
     def _capture(self, inputs: dict[str, torch.Tensor]):

@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from dataclasses import dataclass, field
 
 from rclpy.node import Node
@@ -68,6 +69,8 @@ class RawEpisodeWriter(EpisodeWriter):
 
 @dataclass
 class Bag:
+    """The episode being recorded."""
+
     episode: int
     writer: RawEpisodeWriter
     counts: dict = field(default_factory=lambda: dict.fromkeys(RECORDED, 0))
@@ -112,7 +115,8 @@ class RecorderNode(Node):
         self.dataset.close()
 
     def now(self) -> int:
-        return self.get_clock().now().nanoseconds
+        """Wall-clock ns, the clock of the middleware's receive times (the node clock may be sim time)."""
+        return time.time_ns()
 
     # ---- receive order ---------------------------------------------------------------------------
     def queue(self, received: int, what: str, data) -> None:

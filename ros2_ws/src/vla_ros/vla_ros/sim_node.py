@@ -41,6 +41,7 @@ PARAMETERS = {
     "task": ("reach", f"one of {', '.join(TASKS)}"),
     "seed": (0, "seed of the first episode; each further episode uses the next"),
     "image_size": (96, "camera image size (square)"),
+    "imu_window": (12, "IMU samples of the first observation of an episode (the model's window)"),
     "max_steps": (0, "episode step limit; 0: the task's own"),
     "step_on_command": (False, "lockstep: step once per command answering the last observation (see the module doc)"),
     "auto_reset": (True, "start the next episode when one ends; otherwise wait for ~/reset"),
@@ -66,8 +67,8 @@ class SimNode(Node):
         self.cfg = cfg = params.declare(self, PARAMETERS)
         if cfg.task not in TASKS:
             raise ValueError(f"parameter task={cfg.task!r}: use one of {sorted(TASKS)}")
-        self.env = make_env(cfg.task, SimConfig(image_size=cfg.image_size, max_steps=cfg.max_steps))
-        sim = self.env.config
+        sim = SimConfig(image_size=cfg.image_size, imu_window=cfg.imu_window, max_steps=cfg.max_steps)
+        self.env = make_env(cfg.task, sim)
         self.new_imu = sim.substeps // (sim.physics_hz // sim.imu_hz)  # IMU samples per control step
         self.lockstep = cfg.step_on_command
         self.command_timeout_ns = round((cfg.command_timeout or 2 / sim.control_hz) * 1e9)

@@ -14,7 +14,6 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
-import cv2
 import numpy as np
 import yaml
 from mcap.exceptions import McapError
@@ -25,6 +24,7 @@ from vla.episodes.topics import (
     MSG_TYPES, TOPICS, action_from_msg, image_from_msg, imu_sample_from_msg, state_from_msg, stamp_from_header,
 )
 from vla.episodes.writer import CUSTOM_DATA_KEY
+from vla.images import fit_image
 
 REQUIRED_INFO = ("task", "instruction", "seed", "success", "steps", "control_hz")
 REQUIRED_TOPICS = ("image", "joint_states", "imu", "action")
@@ -93,8 +93,7 @@ class Episode:
 
 def _stack(images: list[np.ndarray], size: int | None) -> np.ndarray:
     if size is not None:
-        images = [im if im.shape[:2] == (size, size) else cv2.resize(im, (size, size), interpolation=cv2.INTER_AREA)
-                  for im in images]
+        images = [fit_image(im, size) for im in images]
     return np.stack(images)
 
 

@@ -52,7 +52,7 @@ def record_episode(env, policy, seed: int, path: Path, extra: dict | None = None
             _write_observation(writer, sim, obs, steps)
             if terminated or truncated:
                 break
-        episode = _info(sim, obs["instruction"], seed, bool(info["success"]), steps) | (extra or {})
+        episode = episode_info(sim, obs["instruction"], seed, bool(info["success"]), steps) | (extra or {})
         writer.close(episode)
     except BaseException:
         writer.abort()
@@ -78,10 +78,11 @@ def _write_action(writer: EpisodeWriter, action: np.ndarray, stamp: int, control
     writer.write("gripper", stamp, T.gripper_fields(action))
 
 
-def _info(sim, instruction: str, seed: int, success: bool, steps: int) -> dict:
+def episode_info(sim, instruction: str, seed: int, success: bool, steps: int, source: str = "sim") -> dict:
+    """The metadata stored with an episode of the simulator `sim` (see datasets/README.md)."""
     cfg = sim.config
     return {
-        "format": FORMAT, "source": "sim", "task": sim.task.name, "instruction": instruction, "seed": seed,
+        "format": FORMAT, "source": source, "task": sim.task.name, "instruction": instruction, "seed": seed,
         "success": success, "steps": steps, "control_hz": cfg.control_hz, "imu_hz": cfg.imu_hz,
         "imu_window": cfg.imu_window, "image_size": cfg.image_size, "wrist_camera": cfg.wrist_camera,
         "stamp_epoch_ns": T.EPOCH_NS, "sim_config": dataclasses.asdict(cfg),

@@ -47,7 +47,11 @@ class EpisodeWriter:
         self._last_stamp = 0
 
     def write(self, key: str, stamp_ns: int, fields: dict) -> None:
-        self._writer.write(self._connections[key], int(stamp_ns), serialize(MSG_TYPES[key], fields))
+        self.write_raw(key, stamp_ns, serialize(MSG_TYPES[key], fields))
+
+    def write_raw(self, key: str, stamp_ns: int, data: bytes) -> None:
+        """A message already CDR-encoded, e.g. as a ROS 2 subscription received it."""
+        self._writer.write(self._connections[key], int(stamp_ns), data)
         self._last_stamp = max(self._last_stamp, int(stamp_ns))
 
     def close(self, info: dict) -> None:

@@ -29,6 +29,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase, StaticCache
 
 from sim.contracts import ACTION_DIM, IMU_CHANNELS
+from vla.images import fit_image
 from vla.model.action_tokenizer import ActionTokenizer
 from vla.model.config import ModelConfig
 from vla.model.encoders import ImageEncoder, VectorEncoder
@@ -215,12 +216,7 @@ class VLAModel(nn.Module):
             if image is None or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
                 got = "nothing" if image is None else f"{image.dtype} {image.shape}"
                 raise ValueError(f"observation {key!r} must be uint8 [H, W, 3] RGB, got {got}")
-        size = self.config.image_size
-        if any(image.shape[:2] != (size, size) for image in images):
-            resized = [F.interpolate(torch.from_numpy(i).permute(2, 0, 1)[None].float(), (size, size), mode="bilinear",
-                                     antialias=True)[0].permute(1, 2, 0).round().clamp(0, 255).byte() for i in images]
-            return torch.stack(resized).to(self.device)
-        return torch.from_numpy(np.stack(images)).to(self.device)
+        return torch.from_numpy(np.stack([fit_image(image, self.config.image_size) for image in images])).to(self.device)
 
     def _floats(self, observations, key, shape) -> torch.Tensor:
         values = [np.asarray(obs.get(key), dtype=np.float32) for obs in observations]

@@ -17,6 +17,7 @@ from std_msgs.msg import Float32MultiArray, Float64
 
 from sim.contracts import clip_action
 from vla.episodes import topics as T
+from vla.images import fit_image
 
 
 class InputError(ValueError):
@@ -50,14 +51,6 @@ def stamp_ns(msg) -> int:
 
 
 # ---- inputs of the policy ----------------------------------------------------------------------
-def model_image(rgb: np.ndarray, size: int) -> np.ndarray:
-    """Resize to the model's size x size input as the training index does (vla.episodes.reader:
-    INTER_AREA, no crop), so that a robot camera feeds the model what it was trained on."""
-    if rgb.shape[:2] == (size, size):
-        return rgb
-    return cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
-
-
 def image_input(msg: Image, size: int) -> np.ndarray:
     """The model's image from a sensor_msgs/Image of any size in T.IMAGE_ENCODINGS."""
     if msg.encoding.lower() not in T.IMAGE_ENCODINGS:
@@ -66,7 +59,7 @@ def image_input(msg: Image, size: int) -> np.ndarray:
         raise InputError(f"inconsistent image: {msg.width}x{msg.height}, step {msg.step}, {len(msg.data)} bytes "
                          f"(expected step x height)")
     try:
-        return model_image(T.image_from_msg(msg), size)
+        return fit_image(T.image_from_msg(msg), size)
     except ValueError as exc:  # step shorter than a row
         raise InputError(str(exc)) from None
 
@@ -80,7 +73,7 @@ def compressed_input(msg: CompressedImage, size: int) -> np.ndarray:
     bgr = cv2.imdecode(np.frombuffer(msg.data, dtype=np.uint8), cv2.IMREAD_COLOR) if len(msg.data) else None
     if bgr is None:
         raise InputError(f"cannot decode {len(msg.data)} bytes of {msg.format!r}")
-    return model_image(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), size)
+    return fit_image(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), size)
 
 
 def state_input(msg: JointState) -> np.ndarray:

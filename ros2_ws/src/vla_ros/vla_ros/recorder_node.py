@@ -58,21 +58,12 @@ OBSERVATION = ("image", "joint_states", "imu")
 START, STOP, EPISODE = "start", "stop", "episode"  # events, applied in order with the messages
 
 
-class RawEpisodeWriter(EpisodeWriter):
-    """EpisodeWriter that also takes messages as received (CDR bytes).
-    TODO(episodes): move write_raw into EpisodeWriter and drop this class."""
-
-    def write_raw(self, key: str, stamp_ns: int, data: bytes) -> None:
-        self._writer.write(self._connections[key], stamp_ns, data)
-        self._last_stamp = max(self._last_stamp, stamp_ns)
-
-
 @dataclass
 class Bag:
     """The episode being recorded."""
 
     episode: int
-    writer: RawEpisodeWriter
+    writer: EpisodeWriter
     counts: dict = field(default_factory=lambda: dict.fromkeys(RECORDED, 0))
 
     def write(self, key: str, received: int, data: bytes) -> None:
@@ -145,7 +136,7 @@ class RecorderNode(Node):
     def start(self, received: int) -> None:
         path = self.dataset.root / PARTIAL / episode_name(self.next_episode)
         shutil.rmtree(path, ignore_errors=True)
-        self.bag = Bag(self.next_episode, RawEpisodeWriter(path, self.cfg.wrist_camera))
+        self.bag = Bag(self.next_episode, EpisodeWriter(path, self.cfg.wrist_camera))
         self.next_episode += 1
         if self.instruction is not None:  # latched before the episode began
             self.bag.write("instruction", received, self.instruction)

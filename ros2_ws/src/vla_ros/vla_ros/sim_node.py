@@ -15,14 +15,12 @@ in-process evaluation step for step, whatever the inference time.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import sys
 import time
 
 import numpy as np
-import pybullet as p
 from geometry_msgs.msg import TwistStamped
 from rclpy.node import Node
 from sensor_msgs.msg import Image, Imu, JointState
@@ -30,9 +28,8 @@ from std_msgs.msg import Float64, String
 from std_srvs.srv import Trigger
 
 from sim import TASKS, SimConfig, make_env
-from sim.robot import ARM_JOINTS, FINGER_JOINTS
 from vla.episodes import topics as T
-from vla.episodes.record import FORMAT, versions
+from vla.episodes.record import episode_info, versions
 from vla_ros import params, qos
 from vla_ros.conversions import InputError, command_action, fill, stamp_ns
 from vla_ros.runner import run
@@ -69,7 +66,6 @@ class SimNode(Node):
             raise ValueError(f"parameter task={cfg.task!r}: use one of {sorted(TASKS)}")
         sim = SimConfig(image_size=cfg.image_size, imu_window=cfg.imu_window, max_steps=cfg.max_steps)
         self.env = make_env(cfg.task, sim)
-        self.new_imu = sim.substeps // (sim.physics_hz // sim.imu_hz)  # IMU samples per control step
         self.lockstep = cfg.step_on_command
         self.command_timeout_ns = round((cfg.command_timeout or 2 / sim.control_hz) * 1e9)
         self.versions = versions()
@@ -115,7 +111,7 @@ class SimNode(Node):
         self.episode = self.episode_info(seed)
         self.publish_episode()
         self.instruction_pub.publish(String(data=self.episode["instruction"]))
-        self.publish_observation(len(self.env.imu.samples))
+        self.publish_observation(self.env.imu.take_fresh())
         self.get_logger().info(f"episode seed {seed}: {self.episode['instruction']!r}")
 
     def finish_episode(self, success: bool, interrupted: bool = False) -> None:
@@ -127,12 +123,8 @@ class SimNode(Node):
 
     def episode_info(self, seed: int) -> dict:
         """The episode metadata of `vla collect` (vla.episodes.reader.REQUIRED_INFO and more), plus `done`."""
-        sim = self.env.config
-        return {"format": FORMAT, "source": "sim_node", "task": self.cfg.task, "seed": seed,
-                "instruction": self.get_parameter("instruction").value or self.obs["instruction"],
-                "success": False, "steps": 0, "done": False, "control_hz": sim.control_hz, "imu_hz": sim.imu_hz,
-                "imu_window": sim.imu_window, "image_size": sim.image_size, "wrist_camera": sim.wrist_camera,
-                "sim_config": dataclasses.asdict(sim), "versions": self.versions}
+        instruction = self.get_parameter("instruction").value or self.obs["instruction"]
+        return episode_info(self.env, instruction, seed, False, 0, "sim_node") | {"done": False, "versions": self.versions}
 
     def publish_episode(self) -> None:
         self.episode_pub.publish(String(data=json.dumps(self.episode, sort_keys=True)))
@@ -152,16 +144,13 @@ class SimNode(Node):
             self.publish_episode()
 
     # ---- sensors ---------------------------------------------------------------------------------
-    def publish_observation(self, imu_samples: int) -> None:
-        """The newest `imu_samples` IMU samples, then joint states and camera image, all stamped now
-        (the IMU samples 1 / imu_hz apart, ending now)."""
+    def publish_observation(self, samples: list[np.ndarray]) -> None:
+        """IMU `samples`, then joint states and camera image, all stamped now (the IMU samples
+        1 / imu_hz apart, ending now)."""
         stamp = self.get_clock().now().nanoseconds
-        samples = list(self.env.imu.samples)[-imu_samples:]
         for sample, imu_stamp in zip(samples, T.imu_stamps(stamp, len(samples), self.env.config.imu_hz)):
             self.imu_pub.publish(fill(Imu(), T.imu_fields(sample, int(imu_stamp))))
-        joints = p.getJointStates(self.env.robot.body, ARM_JOINTS + FINGER_JOINTS, physicsClientId=self.env.client)
-        positions, velocities = [j[0] for j in joints], [j[1] for j in joints]
-        self.joints_pub.publish(fill(JointState(), T.joint_state_fields(positions, velocities, stamp)))
+        self.joints_pub.publish(fill(JointState(), T.joint_state_fields(*self.env.robot.joint_states(), stamp)))
         self.image_pub.publish(fill(Image(), T.image_fields(self.obs["image"], stamp)))
         self.waiting_for = stamp if self.lockstep else None
         self.published_at = time.monotonic()
@@ -190,7 +179,7 @@ class SimNode(Node):
         if self.waiting_for is not None and time.monotonic() - self.published_at > self.cfg.lockstep_timeout:
             self.get_logger().info("no command for the current observation: publishing it again",
                                    throttle_duration_sec=10.0)
-            self.publish_observation(len(self.env.imu.samples))
+            self.publish_observation(list(self.env.imu.samples))
 
     def step(self, twist: TwistStamped) -> None:
         self.waiting_for = None
@@ -201,7 +190,7 @@ class SimNode(Node):
             action = np.array([0.0] * 6 + [self.gripper], dtype=np.float32)
         self.obs, _, terminated, truncated, info = self.env.step(action)
         if not (terminated or truncated):
-            self.publish_observation(self.new_imu)
+            self.publish_observation(self.env.imu.take_fresh())
             return
         self.finish_episode(bool(info["success"]))
         if self.cfg.auto_reset:

@@ -7,14 +7,14 @@ import numpy as np
 import pybullet as p
 
 GRAVITY = np.array([0.0, 0.0, -9.81])
-SCENE_EYE = np.array([0.92, 0.0, 0.62])
-SCENE_TARGET = np.array([0.5, 0.0, 0.0])
+SCENE_EYE = np.array([0.80, 0.0, 0.80])
+SCENE_TARGET = np.array([0.50, 0.0, 0.02])
 
 
 class Camera:
     """A pinhole camera rendering uint8 RGB images of size x size."""
 
-    def __init__(self, client: int, size: int, fov: float = 48.0, shadows: bool = False):
+    def __init__(self, client: int, size: int, fov: float = 40.0, shadows: bool = False):
         self.client, self.size, self.shadows = client, size, shadows
         self.projection = p.computeProjectionMatrixFOV(fov, 1.0, 0.02, 3.0)
         self.light_direction = (0.4, -0.3, 1.0)

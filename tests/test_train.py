@@ -165,3 +165,17 @@ def test_training_on_cuda_with_bf16_autocast(tmp_path):
     model = train(recipe(tmp_path, device="cuda", optim={"steps": 3, "batch_size": 8}), index=FakeIndex(), progress=False)
     assert next(model.parameters()).is_cuda and next(model.parameters()).dtype == torch.float32
     assert all(np.isfinite(v) for v in losses(tmp_path / "run").values())
+
+
+def test_random_shift_moves_images_reproducibly():
+    from vla.train import random_shift
+
+    images = torch.zeros((8, 16, 16, 3), dtype=torch.uint8)
+    images[:, 6:10, 6:10] = 255  # a bright square in the middle
+    a = random_shift(images, 3, torch.Generator().manual_seed(1))
+    b = random_shift(images, 3, torch.Generator().manual_seed(1))
+    assert a.dtype == torch.uint8 and a.shape == images.shape and torch.equal(a, b)
+    centres = [torch.nonzero(img[..., 0]).float().mean(0) for img in a]
+    offsets = torch.stack(centres) - torch.tensor([7.5, 7.5])
+    assert offsets.abs().max() <= 3 and offsets.abs().sum() > 0  # moved, by at most 3 px
+    assert all(int(img[..., 0].sum()) == 16 * 255 for img in a)  # the square stays whole

@@ -52,6 +52,7 @@ class DataConfig:
     tasks: tuple[str, ...] = ("reach",)  # recorded by `collect`, evaluated by `eval`
     collect: CollectConfig = field(default_factory=CollectConfig)
     stats_samples: int = 4096  # random samples for the state/IMU normalisation statistics
+    image_shift: int = 0  # augmentation: shift training images by up to this many pixels (DrQ)
 
 
 @dataclass
@@ -197,15 +198,30 @@ class BatchSchedule:
         return self.order[i * self.per_rank:(i + 1) * self.per_rank]
 
 
-def collate(raw: dict, model: VLAModel, device: torch.device) -> dict[str, torch.Tensor]:
-    """index.batch(...) -> the keyword arguments of VLAModel.forward."""
-    keys = ["image", "state", "imu", "actions", "action_mask"] + (["wrist_image"] if model.config.wrist_camera else [])
+def collate(raw: dict, model: VLAModel, device: torch.device, shift: int = 0, seed: int = 0) -> dict[str, torch.Tensor]:
+    """index.batch(...) -> the keyword arguments of VLAModel.forward, images shifted by up to
+    `shift` pixels (random per image, drawn from `seed`)."""
+    images = ["image"] + (["wrist_image"] if model.config.wrist_camera else [])
+    keys = images + ["state", "imu", "actions", "action_mask"]
     missing = [k for k in keys + ["instruction"] if k not in raw]
     if missing:
         raise ValueError(f"the dataset's samples lack {missing}")
     batch = {k: torch.as_tensor(np.asarray(raw[k])) for k in keys}
+    if shift:
+        generator = torch.Generator().manual_seed(seed)
+        for key in images:
+            batch[key] = random_shift(batch[key], shift, generator)
     batch["text_ids"], batch["text_mask"] = model.prompt.encode(list(raw["instruction"]))
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def random_shift(images: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
+    """uint8 [B, H, W, 3]: pad by `shift` with the edge pixels, crop back at a random offset."""
+    b, h, w, _ = images.shape
+    padded = torch.nn.functional.pad(images.permute(0, 3, 1, 2).float(), (shift,) * 4, mode="replicate")
+    offsets = torch.randint(0, 2 * shift + 1, (b, 2), generator=generator).tolist()
+    crops = [padded[i, :, y:y + h, x:x + w] for i, (y, x) in enumerate(offsets)]
+    return torch.stack(crops).permute(0, 2, 3, 1).to(torch.uint8)
 
 
 # ---- optimisation -------------------------------------------------------------------------------
@@ -354,7 +370,8 @@ def train(config: TrainConfig, index=None, resume: str | Path | None = None, pro
     bar = tqdm(range(start, config.optim.steps), initial=start, total=config.optim.steps, desc="train",
                disable=not (progress and procs.main), dynamic_ncols=True)
     for step in bar:
-        batch = collate(index.batch(schedule.indices(step)), model, procs.device)
+        batch = collate(index.batch(schedule.indices(step)), model, procs.device, config.data.image_shift,
+                        seed=(config.seed * 1_000_003 + step) * 64 + procs.rank)
         with autocast:
             out = wrapped(**batch)
         out["loss"].backward()

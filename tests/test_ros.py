@@ -523,7 +523,9 @@ def test_lockstep_closed_loop_reproduces_in_process_rollouts(sim_loop):
     ros, received, infos, dataset = sim_loop
     recorded = [read_episode(dataset / e["path"]) for e in load_manifest(dataset)]  # as `vla collect` output is read
     seeds = [episode.info["seed"] for episode in recorded]
-    assert seeds == list(range(seeds[0], seeds[0] + len(seeds))) and seeds[0] - EVAL_SEED_OFFSET < 3  # config/sim.yaml
+    # consecutive seeds from config/sim.yaml's; how many episodes passed before the recorder matched
+    # the sim's publishers depends on DDS discovery (5 of 8-step episodes on a busy CI machine)
+    assert seeds == list(range(seeds[0], seeds[0] + len(seeds))) and seeds[0] >= EVAL_SEED_OFFSET
     # the policy node's random generator ran through every episode since the first
     expected = in_process_rollouts(list(range(EVAL_SEED_OFFSET, seeds[-1] + 1)))[-len(seeds):]
     for episode, want in zip(recorded, expected):

@@ -116,7 +116,7 @@ class Harness:
         while time.monotonic() < end:
             self.executor.spin_once(timeout_sec=0.005)
 
-    def call(self, srv_type, service: str, request, timeout: float = 10.0):
+    def call(self, srv_type, service: str, request, timeout: float = 30.0):  # generous: nodes answer once loaded
         client = self.node.create_client(srv_type, service)
         self.spin_until(client.service_is_ready, timeout, f"service {service}")
         future = client.call_async(request)
@@ -236,8 +236,8 @@ def get_parameters(ros: Harness, node: str, names: list[str]) -> dict:
     return {name: rclpy.parameter.parameter_value_to_python(value) for name, value in zip(names, response.values)}
 
 
-def lifecycle_state(ros: Harness) -> str:
-    return ros.call(GetState, "/policy_node/get_state", GetState.Request()).current_state.label
+def lifecycle_state(ros: Harness, timeout: float = 30.0) -> str:
+    return ros.call(GetState, "/policy_node/get_state", GetState.Request(), timeout).current_state.label
 
 
 def wait_active(ros: Harness, timeout: float = 120) -> None:
@@ -245,7 +245,7 @@ def wait_active(ros: Harness, timeout: float = 120) -> None:
     def active():
         if "configure failed" in ros.log("policy_node"):
             pytest.fail(ros.log("policy_node"))
-        return lifecycle_state(ros) == "active"
+        return lifecycle_state(ros, timeout) == "active"  # it answers once loaded (autostart configures first)
 
     ros.spin_until(active, timeout, "policy_node active")
 

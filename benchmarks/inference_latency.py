@@ -6,7 +6,8 @@ decoder and backend, against a naive Hugging Face `generate` baseline measured i
 Rows: hf-generate (baseline: `lm.generate` over the multimodal prefix, logits restricted to the
 action ids), autoregressive and parallel decoders (eager; on CUDA also as CUDA graphs with a
 static KV cache), onnxruntime. Models: the given checkpoint (default: the shipped one, else a
-randomly initialised default model) and a ~0.5B-parameter Llama-style backbone with random
+randomly initialised default model; a checkpoint trained without the autoregressive decoder is
+timed as a random-weight model of its config with both decoders) and a ~0.5B-parameter Llama-style backbone with random
 weights (timing does not depend on the weights).
 Targets: H100, default model <= 1 ms p50 and 0.5B <= 4 ms p50, both >= 20x the baseline;
 2 CPU cores with onnxruntime, default model <= 10 ms p50.
@@ -14,6 +15,7 @@ Targets: H100, default model <= 1 ms p50 and 0.5B <= 4 ms p50, both >= 20x the b
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import time
@@ -26,7 +28,8 @@ from rich.table import Table
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from policies import CHECKPOINT_DIR
-from vla.model.checkpoint import save_checkpoint
+from vla.config import from_dict
+from vla.model.checkpoint import read_meta, save_checkpoint
 from vla.model.config import ModelConfig
 from vla.model.model import VLAModel
 from vla.runtime import Runtime, load_runtime
@@ -86,9 +89,20 @@ def time_runtime(runtime: Runtime, batch: int, iters: int, device: str) -> dict:
             "actions_per_s": batch * runtime.chunk / float(np.mean(times))}
 
 
-def make_checkpoint(directory: Path, **overrides) -> Path:
-    model = VLAModel.create(ModelConfig(decoders=("parallel", "autoregressive"), **overrides), FAKE_STATS)
+def make_checkpoint(directory: Path, config: ModelConfig) -> Path:
+    """A random-weight model of `config` with both decoders."""
+    model = VLAModel.create(dataclasses.replace(config, decoders=("parallel", "autoregressive")), FAKE_STATS)
     return save_checkpoint(model, directory)
+
+
+def checkpoint_to_time(shipped: Path, work: Path) -> tuple[Path, str]:
+    """The checkpoint if it has both decoders, else a random-weight model of its config that has."""
+    if not (shipped / "config.json").is_file():
+        return make_checkpoint(work / "default", ModelConfig()), "default (random)"
+    config = from_dict(ModelConfig, read_meta(shipped)["model"])
+    if set(config.decoders) >= {"parallel", "autoregressive"}:
+        return shipped, "default"
+    return make_checkpoint(work / "default", config), "default (random)"
 
 
 def variants(checkpoint: Path, device: str, onnx: Path | None):
@@ -125,9 +139,9 @@ def main() -> None:
     rows = []
     for name in args.models.split(","):
         if name == "default":
-            checkpoint = shipped if (shipped / "config.json").is_file() else make_checkpoint(work / "default")
+            checkpoint, label = checkpoint_to_time(shipped, work)
         else:
-            checkpoint = make_checkpoint(work / name, **BIG_BACKBONE)
+            checkpoint, label = make_checkpoint(work / name, ModelConfig(**BIG_BACKBONE)), f"{name} (random)"
         model = load_runtime(checkpoint, "torch", "cpu").model
         params = sum(p.numel() for p in model.parameters())
         onnx = None
@@ -137,11 +151,11 @@ def main() -> None:
                 onnx = work / f"{name}.onnx"
                 export_onnx(model, checkpoint, onnx, observations(4, model.config.image_size, 1))
         del model
-        for label, factory in variants(checkpoint, device, onnx):
+        for variant, factory in variants(checkpoint, device, onnx):
             runtime = factory()
             for batch in map(int, args.batches.split(",")):
                 iters = args.iters if batch == 1 or device == "cuda" else max(10, args.iters // 5)
-                rows.append({"model": name, "params_M": params / 1e6, "variant": label, "ran": runtime.name,
+                rows.append({"model": label, "params_M": params / 1e6, "variant": variant, "ran": runtime.name,
                              "batch": batch, **time_runtime(runtime, batch, iters, device)})
                 print(json.dumps(rows[-1]), flush=True)
             del runtime

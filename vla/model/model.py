@@ -225,12 +225,16 @@ class VLAModel(nn.Module):
                 raise ValueError(f"observation {key!r} must have shape {shape}, got {value.shape}")
         return torch.from_numpy(np.stack(values)).to(self.device)
 
-    def decode_bins(self, inputs: dict[str, torch.Tensor], decoder: str | None = None) -> torch.Tensor:
-        """Action bins int64[B, k * 7] from preprocessed inputs with the chosen decoder."""
+    def resolve_decoder(self, decoder: str | None) -> str:
+        """`decoder`, or the model's first when None; ValueError for one the model was not trained with."""
         decoder = decoder or self.config.decoders[0]
         if decoder not in self.config.decoders:
             raise ValueError(f"decoder {decoder!r} was not trained for this model (trained: {list(self.config.decoders)})")
-        if decoder == "parallel":
+        return decoder
+
+    def decode_bins(self, inputs: dict[str, torch.Tensor], decoder: str | None = None) -> torch.Tensor:
+        """Action bins int64[B, k * 7] from preprocessed inputs with the chosen decoder."""
+        if self.resolve_decoder(decoder) == "parallel":
             return self.forward_parallel(**inputs).argmax(-1)
         return self.generate_autoregressive(**inputs)
 

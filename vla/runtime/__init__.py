@@ -35,9 +35,7 @@ def torch_runtime(model: VLAModel, decoder: str | None = None, cuda_graphs: bool
     """A runtime around a model already in memory (e.g. evaluation during training)."""
     from vla.runtime.torch_backend import CudaGraphDecoder, TorchDecoder
 
-    decoder = decoder or model.config.decoders[0]
-    if decoder not in model.config.decoders:
-        raise ValueError(f"decoder {decoder!r} was not trained for this model (trained: {list(model.config.decoders)})")
+    decoder = model.resolve_decoder(decoder)
     device = model.device.type
     if device == "cuda" and cuda_graphs:
         return Runtime(model, CudaGraphDecoder(model, decoder), f"torch cuda cuda-graph bf16, {decoder}")

@@ -16,7 +16,7 @@ import numpy as np
 from rich.console import Console
 
 from sim import SimConfig
-from vla.rollout import EVAL_SEED_OFFSET, grounding_rate, parse_tasks, run_episodes, success_table
+from vla.rollout import EVAL_SEED_OFFSET, by_task, grounding_rate, parse_tasks, run_episodes, success_rate, success_table
 
 
 class TimedPolicy:
@@ -66,8 +66,8 @@ def run(args) -> int:
     report = {
         "checkpoint": str(args.checkpoint), "runtime": policy.policy.runtime.name, "execution": args.execution,
         "seeds": [args.seed, args.seed + args.episodes - 1],
-        "success": {t: float(np.mean([r.success for r in results if r.task == t])) for t in tasks},
-        "grounding": {t: grounding_rate([r for r in results if r.task == t]) for t in tasks},
+        "success": {task: success_rate(rows) for task, rows in by_task(results).items()},
+        "grounding": {task: grounding_rate(rows) for task, rows in by_task(results).items()},
         "latency_ms": {"mean": 1e3 * float(np.mean(policy.seconds)), "p50": 1e3 * float(np.median(policy.seconds))},
         "episodes": [asdict(r) for r in results],
     }

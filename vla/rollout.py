@@ -71,13 +71,21 @@ def success_table(results: list[EpisodeResult], title: str = "success") -> Table
     table = Table(title=title)
     for column in ("task", "episodes", "success rate", "grounding", "mean steps"):
         table.add_column(column, justify="left" if column == "task" else "right")
-    groups = {task: [r for r in results if r.task == task] for task in dict.fromkeys(r.task for r in results)}
-    for task, rows in [*groups.items(), ("all", results)]:
-        table.add_row(task, str(len(rows)), f"{100 * np.mean([r.success for r in rows]):.1f} %",
+    for task, rows in [*by_task(results).items(), ("all", results)]:
+        table.add_row(task, str(len(rows)), f"{100 * success_rate(rows):.1f} %",
                       f"{100 * grounding_rate(rows):.1f} %", f"{np.mean([r.steps for r in rows]):.1f}",
                       style="bold" if task == "all" else None)
     table.caption = "grounding: episodes in which the first object the gripper reached is the instructed one"
     return table
+
+
+def by_task(results: list[EpisodeResult]) -> dict[str, list[EpisodeResult]]:
+    """Results grouped by task, tasks in the order they first appear."""
+    return {task: [r for r in results if r.task == task] for task in dict.fromkeys(r.task for r in results)}
+
+
+def success_rate(results: list[EpisodeResult]) -> float:
+    return float(np.mean([r.success for r in results]))
 
 
 def grounding_rate(results: list[EpisodeResult]) -> float:

@@ -437,7 +437,7 @@ def save_step(model, config: TrainConfig, out_dir: Path, step: int, optimizer, s
 def evaluate(model: VLAModel, config: TrainConfig) -> dict[str, float]:
     """Closed-loop success rate per task on held-out seeds, with VLAPolicy in sim."""
     from policies.vla_policy import VLAPolicy  # policies sit above vla: imported on use
-    from vla.rollout import EVAL_SEED_OFFSET, run_episodes
+    from vla.rollout import EVAL_SEED_OFFSET, by_task, run_episodes, success_rate
     from vla.runtime import torch_runtime
 
     if config.eval.episodes == 0:
@@ -445,7 +445,7 @@ def evaluate(model: VLAModel, config: TrainConfig) -> dict[str, float]:
     policy = VLAPolicy(torch_runtime(model, config.eval.decoder or None), execution=config.eval.execution)
     sim = SimConfig(image_size=config.model.image_size, wrist_camera=config.model.wrist_camera, imu_window=config.model.imu_window)
     results = run_episodes(config.data.tasks, lambda env: policy, config.eval.episodes, EVAL_SEED_OFFSET, sim, progress=False)
-    return {task: float(np.mean([r.success for r in results if r.task == task])) for task in config.data.tasks}
+    return {task: success_rate(rows) for task, rows in by_task(results).items()}
 
 
 class Logger:

@@ -560,11 +560,13 @@ def test_recorder_stores_what_was_published(sim_loop):
         # the last instruction is the episode's (the first may be the one latched before it began)
         assert deserialize_message(messages[T.TOPICS["instruction"]][-1], String).data == listed["instruction"]
         # an observation per step (one more each time the lockstep sim published one again), with 12
-        # IMU samples each; an action per step, and a twist stamped with each step's camera frame
-        # (besides the zero twists of the watchdog, stamped otherwise, if the policy node held)
+        # IMU samples each (best effort, so the recorder too may lose a few: the allowance above);
+        # an action per step, and a twist stamped with each step's camera frame (besides the zero
+        # twists of the watchdog, stamped otherwise, if the policy node held)
         frames = {T.stamp_from_header(deserialize_message(d, Image).header) for d in messages[T.TOPICS["image"]]}
         twists = [T.stamp_from_header(deserialize_message(d, TwistStamped).header) for d in messages[T.TOPICS["cmd_twist"]]]
-        assert count[T.TOPICS["joint_states"]] == len(frames) >= STEPS and count[T.TOPICS["imu"]] == 12 * len(frames)
+        assert count[T.TOPICS["joint_states"]] == len(frames) >= STEPS
+        assert 0.95 * 12 * len(frames) <= count[T.TOPICS["imu"]] <= 12 * len(frames), listed["path"]
         assert count[T.TOPICS["action"]] == sum(stamp in frames for stamp in twists) == STEPS
         assert count[T.TOPICS["episode_info"]] == 1
 

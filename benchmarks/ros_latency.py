@@ -34,7 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--policy", default="random", help="'random' or a checkpoint directory")
     parser.add_argument("--devices", default="auto", help="comma-separated cpu,cuda; auto: cpu and cuda if available")
     parser.add_argument("--backend", default="torch", choices=("torch", "onnx"))
-    parser.add_argument("--torch-threads", type=int, default=0, help="policy_node's torch_threads (0: torch's default)")
+    parser.add_argument("--cpu-threads", type=int, default=1,
+                        help="policy_node's cpu_threads: this process shares the CPU with it (0: the backend's default)")
     parser.add_argument("--rate", type=float, default=30.0, help="camera frames (and control cycles) per second")
     parser.add_argument("--duration", type=float, default=300.0, help="seconds measured per device")
     parser.add_argument("--width", type=int, default=640)
@@ -118,7 +119,7 @@ def measure(device: str, args) -> dict:
 
     command = [str(Path(sys.executable).parent / "policy_node"), "--ros-args", "-p", f"policy:={args.policy}",
                "-p", f"device:={device}", "-p", f"backend:={args.backend}", "-p", "trigger:=image",
-               "-p", f"control_rate_hz:={args.rate}", "-p", f"torch_threads:={args.torch_threads}"]
+               "-p", f"control_rate_hz:={args.rate}", "-p", f"cpu_threads:={args.cpu_threads}"]
     log = tempfile.NamedTemporaryFile("w+", prefix=f"policy_node_{device}_", suffix=".log", delete=False)
     node_process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     node = rclpy.create_node(f"ros_latency_{os.getpid()}_{device}")

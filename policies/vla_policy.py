@@ -39,8 +39,8 @@ class VLAPolicy:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, backend: str = "torch", device: str = "auto", decoder: str | None = None,
-                        onnx: str | Path | None = None, **kwargs) -> "VLAPolicy":
-        return cls(load_runtime(path, backend, device, decoder, onnx), **kwargs)
+                        onnx: str | Path | None = None, threads: int = 0, **kwargs) -> "VLAPolicy":
+        return cls(load_runtime(path, backend, device, decoder, onnx, threads=threads), **kwargs)
 
     def reset(self, instruction: str) -> None:
         self.instruction, self.t = instruction, 0

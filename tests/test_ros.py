@@ -83,6 +83,7 @@ class Harness:
         self.node = rclpy.create_node(f"test_ros_{os.getpid()}_{next(Harness.instances)}")
         self.executor = SingleThreadedExecutor()
         self.executor.add_node(self.node)
+        self.clients: dict[str, object] = {}  # one per service: each new client must be discovered anew
 
     def start(self, executable: str, params_file: Path | None = None, name: str | None = None, **params):
         command = [str(BIN / executable), "--ros-args"]
@@ -117,11 +118,16 @@ class Harness:
             self.executor.spin_once(timeout_sec=0.005)
 
     def call(self, srv_type, service: str, request, timeout: float = 30.0):  # generous: nodes answer once loaded
-        client = self.node.create_client(srv_type, service)
-        self.spin_until(client.service_is_ready, timeout, f"service {service}")
+        if service not in self.clients:
+            self.clients[service] = self.node.create_client(srv_type, service)
+        client = self.clients[service]
+        if not client.service_is_ready():
+            self.spin_until(client.service_is_ready, timeout, f"service {service}")
+            # The server discovers this client's response reader a moment after the client sees the
+            # server; Fast DDS drops an answer it cannot deliver within 100 ms (seen on a busy machine).
+            self.spin_for(1.0)
         future = client.call_async(request)
         self.spin_until(future.done, timeout, f"the answer of {service}")
-        self.node.destroy_client(client)
         return future.result()
 
     def stop(self, name: str) -> None:

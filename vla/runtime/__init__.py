@@ -54,10 +54,14 @@ def resolve_device(device: str) -> str:
 
 
 def load_runtime(checkpoint: str | Path, backend: str = "torch", device: str = "auto", decoder: str | None = None,
-                 onnx: str | Path | None = None, cuda_graphs: bool = True) -> Runtime:
-    """`onnx` defaults to <checkpoint>/model.onnx (written by `vla export`)."""
+                 onnx: str | Path | None = None, cuda_graphs: bool = True, threads: int = 0) -> Runtime:
+    """`onnx` defaults to <checkpoint>/model.onnx (written by `vla export`). `threads`: intra-op
+    threads for CPU inference, torch's (process-wide) or the onnxruntime session's; 0 keeps the
+    backend's default. On a CPU shared with other busy processes, 1 avoids busy-waiting workers."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if threads < 0:
+        raise ValueError(f"threads must be >= 0 (0: the backend's default), got {threads}")
     device = resolve_device(device)
     if backend == "onnx":
         from vla.runtime.onnx_backend import OnnxDecoder, open_session
@@ -65,8 +69,10 @@ def load_runtime(checkpoint: str | Path, backend: str = "torch", device: str = "
         if decoder not in (None, "parallel"):
             raise ValueError("the onnx backend runs the parallel decoder only (the exported graph)")
         model = load_checkpoint(checkpoint, "cpu")  # preprocessing and action decoding only
-        session = open_session(onnx or Path(checkpoint) / "model.onnx", model, checkpoint, device)
+        session = open_session(onnx or Path(checkpoint) / "model.onnx", model, checkpoint, device, threads)
         run = OnnxDecoder(session, model)
         return Runtime(model, run, f"onnxruntime {run.provider}, parallel")
 
+    if threads:
+        torch.set_num_threads(threads)
     return torch_runtime(load_checkpoint(checkpoint, device), decoder, cuda_graphs)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import TwistStamped
+from rclpy.experimental import EventsExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from sensor_msgs.msg import CompressedImage, Image, Imu, JointState
 from std_msgs.msg import Float32MultiArray, Float64, String
@@ -36,8 +37,8 @@ PARAMETERS = {
     "device": ("cpu", "cpu | cuda | cuda:N"),
     "backend": ("torch", "torch | onnx"),
     "seed": (0, "seed of the random policy"),
-    "torch_threads": (0, "torch intra-op threads for CPU inference; 0: torch's default (one per core). On a "
-                         "CPU shared with other nodes, 1 avoids oversubscription (busy-waiting threads)"),
+    "cpu_threads": (0, "intra-op threads for CPU inference (torch or onnxruntime); 0: the backend's default "
+                       "(one per core). On a CPU shared with other nodes, 1 avoids oversubscription (busy-waiting threads)"),
     "control_rate_hz": (10.0, "control rate: the timer trigger's rate, the watchdog's rate, missed-cycle accounting"),
     "trigger": ("timer", "timer: act every control period on the newest inputs; image: act on each new camera "
                          "frame as soon as joint states and IMU at least as new have arrived"),
@@ -74,8 +75,8 @@ def check(cfg) -> None:
     for name, value in positive.items():
         if value <= 0:
             raise ValueError(f"parameter {name}={value} must be positive")
-    if cfg.max_input_age < 0 or cfg.image_size < 16 or cfg.torch_threads < 0:
-        raise ValueError("parameters max_input_age and torch_threads must be >= 0, image_size >= 16")
+    if cfg.max_input_age < 0 or cfg.image_size < 16 or cfg.cpu_threads < 0:
+        raise ValueError("parameters max_input_age and cpu_threads must be >= 0, image_size >= 16")
 
 
 def resolve_policy(spec: str) -> str:
@@ -152,12 +153,9 @@ class PolicyNode(LifecycleNode):
         try:
             check(cfg)
             spec = resolve_policy(cfg.policy)
-            if cfg.torch_threads > 0:
-                import torch  # only then: the random policy needs no torch
-
-                torch.set_num_threads(cfg.torch_threads)
             self.get_logger().info(f"loading policy {spec} (device {cfg.device}, backend {cfg.backend})")
-            policy = load_policy(spec, seed=cfg.seed, device=cfg.device, backend=cfg.backend)
+            policy = load_policy(spec, seed=cfg.seed, device=cfg.device, backend=cfg.backend,
+                                 threads=cfg.cpu_threads)
         except Exception as exc:  # whatever stops the model from loading: stay up, unconfigured, and say why
             self.failure = f"configure failed: {exc}"
             self.get_logger().error(self.failure)
@@ -338,4 +336,7 @@ class PolicyNode(LifecycleNode):
 
 
 def main() -> None:
-    sys.exit(run("policy_node", PolicyNode))
+    # rclpy's C++ events executor: the Python executor's wait-set bookkeeping cost about 3.5 ms of
+    # latency per camera frame on 2 CPU cores (benchmarks/ros_latency.py). It cannot serve raw
+    # subscriptions (the recorder's), so the other nodes keep the SingleThreadedExecutor.
+    sys.exit(run("policy_node", PolicyNode, EventsExecutor))

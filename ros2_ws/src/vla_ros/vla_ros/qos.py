@@ -11,6 +11,11 @@ SENSOR = QoSProfile(depth=5, reliability=ReliabilityPolicy.BEST_EFFORT, durabili
 # recorder uses it for every sensor stream, as it may pause while a bag chunk is compressed.
 SENSOR_QUEUED = QoSProfile(depth=64, reliability=ReliabilityPolicy.BEST_EFFORT, durability=DurabilityPolicy.VOLATILE,
                            history=HistoryPolicy.KEEP_LAST)
+# The recorder's IMU queue: a lockstep sim runs faster than real time (12 samples per step, a step
+# per inference), so 64 samples last a fraction of a second; a recorder falling behind for a moment
+# (a bag chunk compressed, CPU shared with the sim) would lose the oldest. A few seconds' worth.
+RECORDER_IMU = QoSProfile(depth=1024, reliability=ReliabilityPolicy.BEST_EFFORT, durability=DurabilityPolicy.VOLATILE,
+                          history=HistoryPolicy.KEEP_LAST)
 # Commands must not be dropped (a lost zero twist would leave the robot moving). A reliable writer
 # also serves best-effort readers, so replayed streams use it too.
 RELIABLE = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.VOLATILE,

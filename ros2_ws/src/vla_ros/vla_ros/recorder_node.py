@@ -51,7 +51,7 @@ PARAMETERS = {
 }
 # Streams of an episode and how they are received; episode_info is written by the writer on close.
 RECORDED = {"image": qos.SENSOR_QUEUED, "wrist_image": qos.SENSOR_QUEUED, "joint_states": qos.SENSOR_QUEUED,
-            "imu": qos.SENSOR_QUEUED, "instruction": qos.LATCHED_READER, "action": qos.RELIABLE,
+            "imu": qos.RECORDER_IMU, "instruction": qos.LATCHED_READER, "action": qos.RELIABLE,
             "cmd_twist": qos.RELIABLE, "gripper": qos.RELIABLE}
 COMMANDS = ("action", "cmd_twist", "gripper")
 OBSERVATION = ("image", "joint_states", "imu")

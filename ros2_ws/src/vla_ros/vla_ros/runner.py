@@ -13,7 +13,7 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def run(name: str, make_node) -> int:
+def run(name: str, make_node, make_executor=SingleThreadedExecutor) -> int:
     """`make_node()` builds the node (ValueError or OSError: bad parameters, exit code 2); the
     node's `close()` runs before shutdown."""
     # rclpy's own handlers would shut the context down under a running callback; a
@@ -24,7 +24,7 @@ def run(name: str, make_node) -> int:
     node = None
     try:
         node = make_node()
-        executor = SingleThreadedExecutor()
+        executor = make_executor()
         executor.add_node(node)
         while True:  # a bounded wait, so that the signal handler gets to run in an idle node
             executor.spin_once(timeout_sec=0.1)

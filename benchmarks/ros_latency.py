@@ -80,6 +80,9 @@ class FakeRobot:
         self.holds = 0
         self.counting = False
         self.frames = 0  # counted frames
+        self.period_ns = round(1e9 / rate)
+        self.last_publish: int | None = None
+        self.stalls = 0  # this process published a frame over two periods late (the node then holds)
         self.node_figures: dict[str, list[float]] = {"latency_p50_ms": [], "inference_p50_ms": []}
 
     def publish(self) -> None:
@@ -89,7 +92,11 @@ class FakeRobot:
             self.imu.publish(fill(self.msgs[1](), T.imu_fields([0.0, 0.0, 9.81, 0.0, 0.0, 0.0], int(imu_stamp))))
         self.joints.publish(fill(self.msgs[2](), T.joint_state_fields([0.0] * 9, [0.0] * 9, stamp)))
         fill(self.image.header, T.header(stamp, T.CAMERA_FRAME))
-        self.sent[stamp] = (self.node.get_clock().now().nanoseconds, self.counting)
+        now = self.node.get_clock().now().nanoseconds
+        if self.counting and self.last_publish is not None and now - self.last_publish > 2 * self.period_ns:
+            self.stalls += 1
+        self.last_publish = now
+        self.sent[stamp] = (now, self.counting)
         self.camera.publish(self.image)
         self.frames += self.counting
 
@@ -147,6 +154,7 @@ def measure(device: str, args) -> dict:
             executor.spin_once(timeout_sec=0.01)
         latencies = np.array(robot.latencies)
         return {"device": device, "frames": robot.frames, "missed": robot.frames - len(latencies), "holds": robot.holds,
+                "stalls": robot.stalls,
                 "node_latency": np.median(robot.node_figures["latency_p50_ms"]),
                 "inference": np.median(robot.node_figures["inference_p50_ms"]),
                 "p50": np.percentile(latencies, 50), "p99": np.percentile(latencies, 99), "max": latencies.max()}
@@ -174,12 +182,13 @@ def main(argv=None) -> int:
         rclpy.shutdown()
     print(f"\nimage published -> twist received, policy {args.policy} ({args.backend}), {args.width}x{args.height} bgr8 "
           f"at {args.rate:g} Hz, {args.duration:g} s per device; Fast DDS profile {os.environ['FASTDDS_DEFAULT_PROFILES_FILE']}")
-    print(f"{'device':8}{'frames':>8}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'missed':>8}{'holds':>7}"
+    print(f"{'device':8}{'frames':>8}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'missed':>8}{'holds':>7}{'stalls':>8}"
           f"{'node p50':>10}{'act p50':>9}")
     for r in results:
         print(f"{r['device']:8}{r['frames']:8d}{r['p50']:9.2f}{r['p99']:9.2f}{r['max']:9.2f}{r['missed']:8d}{r['holds']:7d}"
-              f"{r['node_latency']:10.2f}{r['inference']:9.2f}")
-    print("node p50: camera stamp -> command published, inside policy_node; act p50: the policy's act() alone")
+              f"{r['stalls']:8d}{r['node_latency']:10.2f}{r['inference']:9.2f}")
+    print("holds: zero twists from the node's watchdog; stalls: this process (the robot) published a frame over two\n"
+          "periods late; node p50: camera stamp -> command published, inside policy_node; act p50: the policy's act()")
     return 0
 
 

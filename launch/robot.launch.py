@@ -23,7 +23,8 @@ CONFIG = Path(get_package_share_directory("vla_ros")) / "config"
 # Camera images in shared memory (see config/fastdds.xml), unless a Fast DDS profile is set already.
 FASTDDS_PROFILE = SetEnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE", EnvironmentVariable(
     "FASTDDS_DEFAULT_PROFILES_FILE", default_value=str(CONFIG / "fastdds.xml")))
-TOPICS = {"camera": "/camera/image_raw", "joint_states": "/joint_states", "imu": "/imu/data",
+TOPICS = {"camera": "/camera/image_raw", "wrist_camera": "/camera/wrist/image_raw", "joint_states": "/joint_states",
+          "imu": "/imu/data",
           "instruction": "/vla/instruction", "cmd_twist": "/vla/cmd_twist", "gripper": "/vla/gripper",
           "action": "/vla/action"}
 OVERRIDES = ("policy", "device", "backend", "image_transport")
@@ -32,8 +33,10 @@ OVERRIDES = ("policy", "device", "backend", "image_transport")
 def nodes(context):
     given = {name: LaunchConfiguration(name).perform(context) for name in OVERRIDES}
     remappings = [(topic, LaunchConfiguration(name).perform(context)) for name, topic in TOPICS.items()]
-    # image_transport's compressed topic follows the camera's remapping
-    remappings.append((TOPICS["camera"] + "/compressed", LaunchConfiguration("camera").perform(context) + "/compressed"))
+    # image_transport's compressed topics follow the cameras' remappings (the wrist camera is
+    # subscribed only by models that take one)
+    remappings += [(TOPICS[name] + "/compressed", LaunchConfiguration(name).perform(context) + "/compressed")
+                   for name in ("camera", "wrist_camera")]
     return [Node(package="vla_ros", executable="policy_node", name="policy_node", output="screen",
                  parameters=[str(CONFIG / "policy_robot.yaml"),
                              {name: yaml.safe_load(value) for name, value in given.items() if value}],

@@ -42,6 +42,11 @@ class VLAPolicy:
                         onnx: str | Path | None = None, threads: int = 0, **kwargs) -> "VLAPolicy":
         return cls(load_runtime(path, backend, device, decoder, onnx, threads=threads), **kwargs)
 
+    @property
+    def wrist_camera(self) -> bool:
+        """Whether observations must carry `wrist_image`."""
+        return self.runtime.model.config.wrist_camera
+
     def reset(self, instruction: str) -> None:
         self.instruction, self.t = instruction, 0
         self.chunks: deque[tuple[int, np.ndarray]] = deque(maxlen=self.runtime.chunk)  # (step predicted, [k, 7])

@@ -40,6 +40,8 @@ from vla.episodes.reader import read_episode  # noqa: E402
 from vla.rollout import EVAL_SEED_OFFSET, run_episodes  # noqa: E402
 from vla_ros import qos  # noqa: E402
 from vla_ros.conversions import fill, message_class  # noqa: E402
+from vla.model.checkpoint import save_checkpoint  # noqa: E402
+from test_model import tiny_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "ros2_ws" / "src" / "vla_ros"
@@ -455,6 +457,39 @@ def test_vga_bgr8_and_compressed_cameras_drive_the_node(ros):
 EPISODES, STEPS = 3, 8
 RECORDED_KEYS = ("image", "joint_states", "imu", "instruction", "action", "cmd_twist", "gripper")
 RELIABLE_TOPICS = {T.TOPICS[k] for k in ("action", "cmd_twist", "gripper")}
+
+
+def test_a_wrist_camera_model_waits_for_the_wrist_camera(ros, tmp_path):
+    """A model that takes a wrist image holds (saying why) while no wrist camera publishes; sim_node
+    with wrist_camera publishes one, stamped with the scene frame, and the lockstep loop then runs."""
+    model = tiny_model(wrist_camera=True, prompt="<image><wrist_image><state><imu>{instruction}")
+    checkpoint = save_checkpoint(model, tmp_path / "wrist_model")
+    twists, reasons = twist_receiver(ros), holding_reasons(ros)
+    scene, wrist = [], []
+    ros.node.create_subscription(Image, T.TOPICS["image"], scene.append, qos.SENSOR)
+    ros.node.create_subscription(Image, T.TOPICS["wrist_image"], wrist.append, qos.SENSOR)
+    ros.start("policy_node", CONFIG / "policy_sim.yaml", policy=checkpoint, diagnostics_period=0.2)
+    ros.start("sim_node", CONFIG / "sim.yaml", start_delay=0.5)  # wrist_camera: false
+    wait_active(ros)
+    ros.spin_until(lambda: any("wrist_camera" in reason for reason in reasons), 30, "a hold for the wrist camera")
+    assert not wrist and answers(twists, scene) == 0
+    ros.stop("sim_node")
+    frames = len(scene)
+    ros.start("sim_node", CONFIG / "sim.yaml", start_delay=0.5, wrist_camera=True)
+    # lockstep: every further frame is published only once the policy answered the one before
+    ros.spin_until(lambda: len(scene) >= frames + 5, 60, "the lockstep loop stepping on the policy's commands")
+    ros.spin_until(lambda: stamps(scene[frames:frames + 5]) <= stamps(wrist), 10, "a wrist image with each frame")
+    assert all((m.height, m.width, m.header.frame_id) == (96, 96, T.WRIST_CAMERA_FRAME) for m in wrist)
+    ros.spin_until(lambda: answers(twists, wrist) >= 4, 10, "commands answering frames with a wrist image")
+
+
+def stamps(messages: list) -> set[int]:
+    return {T.stamp_from_header(m.header) for m in messages}
+
+
+def answers(twists: list, frames: list) -> int:
+    """How many twists answer one of `frames` (the policy node stamps each with its frame's stamp)."""
+    return sum(T.stamp_from_header(t.header) in stamps(frames) for _, t in twists)
 
 
 def everything(topic: str) -> QoSProfile:

@@ -9,12 +9,14 @@ import numpy as np
 from vla_ros.conversions import InputError
 
 STREAMS = ("camera", "joint_states", "imu")
+WRIST = "wrist_camera"  # a stream only for models that take a wrist camera image
 
 
 class Inputs:
-    def __init__(self, imu_window: int, max_age_ns: int):
+    def __init__(self, imu_window: int, max_age_ns: int, wrist_camera: bool = False):
         self.max_age_ns = max_age_ns
-        self.values: dict[str, np.ndarray] = {}  # camera: model image, joint_states: state
+        self.streams = STREAMS + ((WRIST,) if wrist_camera else ())
+        self.values: dict[str, np.ndarray] = {}  # camera, wrist_camera: model images; joint_states: state
         self.imu: deque[np.ndarray] = deque(maxlen=imu_window)
         self.stamps: dict[str, int] = {}  # newest valid message per stream, ns
         self.errors: dict[str, str] = {}  # why the newest message of a stream (or instruction) was rejected
@@ -39,12 +41,12 @@ class Inputs:
     def problem(self, now_ns: int) -> tuple[str, str] | None:
         """(kind, text) of the first reason to hold, or None. `kind` stays the same while the reason
         persists (the node logs each kind once); `text` is for people."""
-        for stream in ("instruction",) + STREAMS:
+        for stream in ("instruction",) + self.streams:
             if stream in self.errors:
                 return f"{stream}:invalid", f"{stream}: {self.errors[stream]}"
         if self.instruction is None:
             return "instruction:missing", "no instruction received"
-        for stream in STREAMS:
+        for stream in self.streams:
             if stream not in self.stamps:
                 return f"{stream}:missing", f"no {stream} message received"
             age = now_ns - self.stamps[stream]
@@ -55,10 +57,13 @@ class Inputs:
         return None
 
     def synchronized(self, after_ns: int) -> bool:
-        """A camera frame newer than `after_ns` has arrived, and joint states and IMU at least as new."""
+        """A camera frame newer than `after_ns` has arrived, and the other streams at least as new."""
         image = self.stamps.get("camera", -1)
-        return image > after_ns and min(self.stamps.get("joint_states", -1), self.stamps.get("imu", -1)) >= image
+        return image > after_ns and min(self.stamps.get(stream, -1) for stream in self.streams) >= image
 
     def observation(self) -> dict:
-        return {"image": self.values["camera"], "state": self.values["joint_states"],
-                "imu": np.asarray(self.imu, dtype=np.float32), "instruction": self.instruction}
+        obs = {"image": self.values["camera"], "state": self.values["joint_states"],
+               "imu": np.asarray(self.imu, dtype=np.float32), "instruction": self.instruction}
+        if WRIST in self.streams:
+            obs["wrist_image"] = self.values[WRIST]
+        return obs

@@ -2,8 +2,9 @@
 
 configure loads the policy, activate starts control, deactivate stops it with a zero twist
 (`autostart` chooses where it gets at start). In: the camera (sensor_msgs/Image, or
-CompressedImage on `<camera_topic>/compressed` with image_transport: compressed), /joint_states,
-/imu/data, /vla/instruction (every message starts a new episode: policy.reset). Out: /vla/action
+CompressedImage on `<camera_topic>/compressed` with image_transport: compressed), the wrist camera
+likewise if the model takes one, /joint_states, /imu/data, /vla/instruction (every message starts a
+new episode: policy.reset). Out: /vla/action
 (the clamped 7-D action), /vla/gripper, /vla/cmd_twist (stamped with the camera frame the command was
 computed from, so commands can be matched to observations and latency measured), /diagnostics.
 ~/enable (std_srvs/SetBool) is the e-stop. Whenever an input is missing, stale or invalid, or the
@@ -29,7 +30,7 @@ from sim.contracts import clip_action
 from vla.episodes.topics import BASE_FRAME, TOPICS
 from vla_ros import params, qos
 from vla_ros.conversions import action_messages, compressed_input, image_input, imu_input, stamp_ns, state_input
-from vla_ros.inputs import Inputs
+from vla_ros.inputs import WRIST, Inputs
 from vla_ros.runner import run
 
 PARAMETERS = {
@@ -53,6 +54,7 @@ PARAMETERS = {
                             "(configure: load the model, then wait for activate), or unconfigured"),
     "diagnostics_period": (1.0, "seconds between /diagnostics messages"),
     "camera_topic": (TOPICS["image"], "camera input"),
+    "wrist_camera_topic": (TOPICS["wrist_image"], "wrist camera input, subscribed when the model takes a wrist image"),
     "joint_states_topic": (TOPICS["joint_states"], "joint states input"),
     "imu_topic": (TOPICS["imu"], "IMU input"),
     "instruction_topic": (TOPICS["instruction"], "instruction input (std_msgs/String)"),
@@ -162,17 +164,20 @@ class PolicyNode(LifecycleNode):
             return TransitionCallbackReturn.FAILURE
         self.cfg, self.policy, self.failure = cfg, policy, ""
         period_ns = round(1e9 / cfg.control_rate_hz)
-        self.inputs = Inputs(cfg.imu_window, round(cfg.max_input_age * 1e9) or 2 * period_ns)
+        wrist = getattr(policy, "wrist_camera", False)  # only a VLA policy may take a wrist image
+        self.inputs = Inputs(cfg.imu_window, round(cfg.max_input_age * 1e9) or 2 * period_ns, wrist)
         self.stats = Stats(period_ns)
         # The instruction subscription comes first: when a new episode's instruction and observation
         # are waiting together, the executor serves subscriptions in creation order.
-        camera = (Image, cfg.camera_topic) if cfg.image_transport == "raw" else \
-            (CompressedImage, cfg.camera_topic + "/compressed")
+        image_type, suffix = (Image, "") if cfg.image_transport == "raw" else (CompressedImage, "/compressed")
         sub = self.create_subscription
         self.input_subscriptions = [sub(String, cfg.instruction_topic, self.on_instruction, qos.LATCHED_READER),
-                                    sub(*camera, self.on_camera, qos.SENSOR),
+                                    sub(image_type, cfg.camera_topic + suffix, self.on_camera, qos.SENSOR),
                                     sub(JointState, cfg.joint_states_topic, self.on_joint_states, qos.SENSOR),
                                     sub(Imu, cfg.imu_topic, self.on_imu, qos.SENSOR_QUEUED)]
+        if wrist:
+            self.input_subscriptions.append(
+                sub(image_type, cfg.wrist_camera_topic + suffix, self.on_wrist_camera, qos.SENSOR))
         pub = self.create_lifecycle_publisher
         self.action_pub = pub(Float32MultiArray, cfg.action_topic, qos.RELIABLE)
         self.gripper_pub = pub(Float64, cfg.gripper_topic, qos.RELIABLE)
@@ -231,8 +236,14 @@ class PolicyNode(LifecycleNode):
         self.get_logger().info(f"instruction: {msg.data!r}")
 
     def on_camera(self, msg) -> None:
+        self.on_image("camera", msg)
+
+    def on_wrist_camera(self, msg) -> None:
+        self.on_image(WRIST, msg)
+
+    def on_image(self, stream: str, msg) -> None:
         convert = image_input if self.cfg.image_transport == "raw" else compressed_input
-        self.inputs.update("camera", stamp_ns(msg), lambda: convert(msg, self.cfg.image_size))
+        self.inputs.update(stream, stamp_ns(msg), lambda: convert(msg, self.cfg.image_size))
         self.act_on_observation()
 
     def on_joint_states(self, msg: JointState) -> None:

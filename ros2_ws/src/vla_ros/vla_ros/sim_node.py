@@ -1,7 +1,7 @@
 """sim_node: the simulated Panda (sim package) as a ROS 2 node, publishing what a robot's drivers
 publish and executing the policy node's commands, so the closed loop runs over ROS 2 without hardware.
 
-Out: the camera (rgb8), /joint_states, /imu/data (the samples of each control step, stamped
+Out: the camera (rgb8; and the wrist camera with `wrist_camera`), /joint_states, /imu/data (the samples of each control step, stamped
 1 / imu_hz apart), /vla/instruction (latched), /vla/episode_info (JSON, latched; at the start and at
 the end of every episode, with its result). In: /vla/cmd_twist (action delta = twist / control_hz)
 and /vla/gripper. ~/reset (std_srvs/Trigger) starts the next episode (next seed); the `instruction`
@@ -38,6 +38,7 @@ PARAMETERS = {
     "task": ("reach", f"one of {', '.join(TASKS)}"),
     "seed": (0, "seed of the first episode; each further episode uses the next"),
     "image_size": (96, "camera image size (square)"),
+    "wrist_camera": (False, "also render and publish the wrist camera (for models that take it)"),
     "imu_window": (12, "IMU samples of the first observation of an episode (the model's window)"),
     "max_steps": (0, "episode step limit; 0: the task's own"),
     "step_on_command": (False, "lockstep: step once per command answering the last observation (see the module doc)"),
@@ -49,6 +50,7 @@ PARAMETERS = {
                              "0: two control periods"),
     "instruction": ("", "instruction to publish instead of the task's own; empty: the task's"),
     "camera_topic": (T.TOPICS["image"], "camera output"),
+    "wrist_camera_topic": (T.TOPICS["wrist_image"], "wrist camera output (with wrist_camera)"),
     "joint_states_topic": (T.TOPICS["joint_states"], "joint states output"),
     "imu_topic": (T.TOPICS["imu"], "IMU output"),
     "instruction_topic": (T.TOPICS["instruction"], "instruction output (latched)"),
@@ -64,7 +66,8 @@ class SimNode(Node):
         self.cfg = cfg = params.declare(self, PARAMETERS)
         if cfg.task not in TASKS:
             raise ValueError(f"parameter task={cfg.task!r}: use one of {sorted(TASKS)}")
-        sim = SimConfig(image_size=cfg.image_size, imu_window=cfg.imu_window, max_steps=cfg.max_steps)
+        sim = SimConfig(image_size=cfg.image_size, wrist_camera=cfg.wrist_camera, imu_window=cfg.imu_window,
+                        max_steps=cfg.max_steps)
         self.env = make_env(cfg.task, sim)
         self.lockstep = cfg.step_on_command
         self.command_timeout_ns = round((cfg.command_timeout or 2 / sim.control_hz) * 1e9)
@@ -80,6 +83,7 @@ class SimNode(Node):
         self.published_at = 0.0
 
         self.image_pub = self.create_publisher(Image, cfg.camera_topic, qos.SENSOR)
+        self.wrist_pub = self.create_publisher(Image, cfg.wrist_camera_topic, qos.SENSOR) if cfg.wrist_camera else None
         self.joints_pub = self.create_publisher(JointState, cfg.joint_states_topic, qos.SENSOR)
         self.imu_pub = self.create_publisher(Imu, cfg.imu_topic, qos.SENSOR_QUEUED)
         self.instruction_pub = self.create_publisher(String, cfg.instruction_topic, qos.LATCHED_WRITER)
@@ -145,12 +149,15 @@ class SimNode(Node):
 
     # ---- sensors ---------------------------------------------------------------------------------
     def publish_observation(self, samples: list[np.ndarray]) -> None:
-        """IMU `samples`, then joint states and camera image, all stamped now (the IMU samples
-        1 / imu_hz apart, ending now)."""
+        """IMU `samples`, then joint states, the wrist camera and the camera image (last: a policy
+        acting on camera frames then has the rest), all stamped now (the IMU samples 1 / imu_hz
+        apart, ending now)."""
         stamp = self.get_clock().now().nanoseconds
         for sample, imu_stamp in zip(samples, T.imu_stamps(stamp, len(samples), self.env.config.imu_hz)):
             self.imu_pub.publish(fill(Imu(), T.imu_fields(sample, int(imu_stamp))))
         self.joints_pub.publish(fill(JointState(), T.joint_state_fields(*self.env.robot.joint_states(), stamp)))
+        if self.wrist_pub is not None:
+            self.wrist_pub.publish(fill(Image(), T.image_fields(self.obs["wrist_image"], stamp, T.WRIST_CAMERA_FRAME)))
         self.image_pub.publish(fill(Image(), T.image_fields(self.obs["image"], stamp)))
         self.waiting_for = stamp if self.lockstep else None
         self.published_at = time.monotonic()

@@ -43,9 +43,9 @@ class VLAPolicy:
         return cls(load_runtime(path, backend, device, decoder, onnx, threads=threads), **kwargs)
 
     @property
-    def wrist_camera(self) -> bool:
-        """Whether observations must carry `wrist_image`."""
-        return self.runtime.model.config.wrist_camera
+    def model_config(self):
+        """The model's ModelConfig: what observations it takes (image size, IMU window, wrist camera)."""
+        return self.runtime.model.config
 
     def reset(self, instruction: str) -> None:
         self.instruction, self.t = instruction, 0

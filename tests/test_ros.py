@@ -459,10 +459,12 @@ RECORDED_KEYS = ("image", "joint_states", "imu", "instruction", "action", "cmd_t
 RELIABLE_TOPICS = {T.TOPICS[k] for k in ("action", "cmd_twist", "gripper")}
 
 
-def test_a_wrist_camera_model_waits_for_the_wrist_camera(ros, tmp_path):
+def test_a_wrist_camera_model_gets_its_inputs(ros, tmp_path):
     """A model that takes a wrist image holds (saying why) while no wrist camera publishes; sim_node
-    with wrist_camera publishes one, stamped with the scene frame, and the lockstep loop then runs."""
-    model = tiny_model(wrist_camera=True, prompt="<image><wrist_image><state><imu>{instruction}")
+    with wrist_camera publishes one, stamped with the scene frame, and the lockstep loop then runs.
+    The node feeds the model its own image size and IMU window (not the sim's 96 px and 12 samples)."""
+    model = tiny_model(wrist_camera=True, prompt="<image><wrist_image><state><imu>{instruction}", image_size=64,
+                       imu_window=6)
     checkpoint = save_checkpoint(model, tmp_path / "wrist_model")
     twists, reasons = twist_receiver(ros), holding_reasons(ros)
     scene, wrist = [], []

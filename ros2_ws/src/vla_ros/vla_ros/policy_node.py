@@ -26,6 +26,7 @@ from std_msgs.msg import Float32MultiArray, Float64, String
 from std_srvs.srv import SetBool
 
 from policies import CHECKPOINT_DIR, load_policy
+from sim.config import SimConfig
 from sim.contracts import clip_action
 from vla.episodes.topics import BASE_FRAME, TOPICS
 from vla_ros import params, qos
@@ -45,10 +46,8 @@ PARAMETERS = {
                          "frame as soon as joint states and IMU at least as new have arrived"),
     "action_rate_hz": (10.0, "rate the policy's per-step deltas were trained at: twist = delta * action_rate_hz"),
     "max_input_age": (0.0, "hold when an input is older than this [s]; 0: two control periods"),
-    "image_size": (96, "the model's (square) image input; camera images are converted and resized to it"),
     "image_transport": ("raw", "raw: sensor_msgs/Image on camera_topic; "
                                "compressed: sensor_msgs/CompressedImage (jpeg/png) on camera_topic + '/compressed'"),
-    "imu_window": (12, "IMU samples per observation (the newest ones)"),
     "frame_id": (BASE_FRAME, "frame of the twist (the robot base)"),
     "autostart": ("active", "lifecycle state to reach at start: active (configure and activate), inactive "
                             "(configure: load the model, then wait for activate), or unconfigured"),
@@ -73,12 +72,18 @@ def check(cfg) -> None:
     if cfg.device != "cpu" and not cfg.device.startswith("cuda"):
         raise ValueError(f"parameter device={cfg.device!r}: use cpu, cuda or cuda:N")
     positive = {"control_rate_hz": cfg.control_rate_hz, "action_rate_hz": cfg.action_rate_hz,
-                "imu_window": cfg.imu_window, "diagnostics_period": cfg.diagnostics_period}
+                "diagnostics_period": cfg.diagnostics_period}
     for name, value in positive.items():
         if value <= 0:
             raise ValueError(f"parameter {name}={value} must be positive")
-    if cfg.max_input_age < 0 or cfg.image_size < 16 or cfg.cpu_threads < 0:
-        raise ValueError("parameters max_input_age and cpu_threads must be >= 0, image_size >= 16")
+    if cfg.max_input_age < 0 or cfg.cpu_threads < 0:
+        raise ValueError("parameters max_input_age and cpu_threads must be >= 0")
+
+
+def model_inputs(policy):
+    """What the policy's observations hold (image size, IMU window, wrist camera): the VLA model's
+    own; the simulator's defaults for a policy without a model (random)."""
+    return getattr(policy, "model_config", None) or SimConfig()
 
 
 def resolve_policy(spec: str) -> str:
@@ -128,6 +133,7 @@ class PolicyNode(LifecycleNode):
         super().__init__("policy_node")
         self.cfg = params.declare(self, PARAMETERS)
         self.policy = None
+        self.model_inputs = None  # image_size, imu_window, wrist_camera of the policy (a ModelConfig or SimConfig)
         self.inputs: Inputs | None = None
         self.active = False
         self.enabled = True
@@ -164,8 +170,9 @@ class PolicyNode(LifecycleNode):
             return TransitionCallbackReturn.FAILURE
         self.cfg, self.policy, self.failure = cfg, policy, ""
         period_ns = round(1e9 / cfg.control_rate_hz)
-        wrist = getattr(policy, "wrist_camera", False)  # only a VLA policy may take a wrist image
-        self.inputs = Inputs(cfg.imu_window, round(cfg.max_input_age * 1e9) or 2 * period_ns, wrist)
+        self.model_inputs = model_inputs(policy)
+        wrist = self.model_inputs.wrist_camera
+        self.inputs = Inputs(self.model_inputs.imu_window, round(cfg.max_input_age * 1e9) or 2 * period_ns, wrist)
         self.stats = Stats(period_ns)
         # The instruction subscription comes first: when a new episode's instruction and observation
         # are waiting together, the executor serves subscriptions in creation order.
@@ -243,7 +250,7 @@ class PolicyNode(LifecycleNode):
 
     def on_image(self, stream: str, msg) -> None:
         convert = image_input if self.cfg.image_transport == "raw" else compressed_input
-        self.inputs.update(stream, stamp_ns(msg), lambda: convert(msg, self.cfg.image_size))
+        self.inputs.update(stream, stamp_ns(msg), lambda: convert(msg, self.model_inputs.image_size))
         self.act_on_observation()
 
     def on_joint_states(self, msg: JointState) -> None:

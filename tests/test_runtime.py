@@ -1,6 +1,7 @@
 """Inference runtimes: torch (eager, static KV cache) and onnxruntime agree; ONNX export validates
 before writing and refuses mismatched or damaged files."""
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -112,3 +113,20 @@ def test_cuda_graph_matches_eager_cuda(exported, decoder):
     obs = observations(3, seed=5)
     agree = (graph.predict(obs) == eager.predict(obs)).mean()
     assert agree > 0.95  # bf16 graph vs bf16 autocast eager: rare rounding ties only
+
+
+def test_large_model_weights_are_exported_beside_the_graph(exported, tmp_path):
+    """Weights over the threshold (protobuf caps a file at 2 GiB; here forced with a threshold of 0)
+    go to <out>.data, and the pair loads and matches; a later small export removes the stale file."""
+    checkpoint, _ = exported
+    model = load_runtime(checkpoint, "torch", "cpu").model
+    out = tmp_path / "big.onnx"
+    export_onnx(model, checkpoint, out, observations(2), external_data_bytes=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]
+    graph = onnx.load(str(out), load_external_data=False)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.graph.initializer)
+    obs = observations(3, seed=7)
+    assert np.array_equal(load_runtime(checkpoint, "onnx", "cpu", onnx=out).predict(obs),
+                          load_runtime(checkpoint, "torch", "cpu", "parallel").predict(obs))
+    export_onnx(model, checkpoint, out, observations(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx"]

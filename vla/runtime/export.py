@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from vla.runtime.onnx_backend import METADATA_KEY, OnnxDecoder, export_metadata,
 
 OPSET = 18
 RTOL = 1e-4
+# protobuf caps one file at 2 GiB: weights from this size on go to <out>.data beside the graph
+EXTERNAL_DATA_BYTES = 1 << 30
 
 
 class ExportError(ValueError):
@@ -61,32 +64,44 @@ def dataset_observations(dataset: str | Path, model: VLAModel, count: int) -> li
     return [index[int(i)] for i in picks]
 
 
-def export_onnx(model: VLAModel, checkpoint: str | Path, out: str | Path, observations: list[dict], atol: float = 1e-3) -> dict:
-    """Export `model` (loaded from `checkpoint` on the CPU), validate, then move into place;
-    raises ExportError (writing nothing) on failure."""
+def export_onnx(model: VLAModel, checkpoint: str | Path, out: str | Path, observations: list[dict], atol: float = 1e-3,
+                external_data_bytes: int = EXTERNAL_DATA_BYTES) -> dict:
+    """Export `model` (loaded from `checkpoint` on the CPU), validate, then move into place (weights
+    of `external_data_bytes` or more in `<out>.data`); raises ExportError (writing nothing) on failure."""
     out = Path(out)
     if "parallel" not in model.config.decoders:
         raise ExportError(f"{checkpoint}: the ONNX graph is the parallel decoder, which this model was not trained with "
                           f"(decoders: {list(model.config.decoders)})")
     inputs = model.preprocess(observations)
     names = input_names(model)
-    partial = out.with_name(out.name + ".partial")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(out.name + ".partial")  # a directory: the graph and its weights file
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    partial, data_name = staging / out.name, out.name + ".data"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer chatter about transformers' Python-side mask checks
         batch = torch.export.Dim("batch", min=1, max=1024)
         torch.onnx.export(ParallelLogits(model), tuple(inputs[n] for n in names), str(partial), input_names=names,
                           output_names=["logits"], dynamic_shapes={n: {0: batch} for n in names}, opset_version=OPSET,
                           dynamo=True, external_data=False, verbose=False)
-    graph = onnx.load(str(partial))
+    graph = onnx.load(str(partial))  # with the weights the exporter itself put beside a large graph
+    for written in staging.iterdir():
+        written.unlink()
     onnx.helper.set_model_props(graph, {METADATA_KEY: json.dumps(export_metadata(model, checkpoint))})
-    onnx.save(graph, str(partial))
+    external = sum(p.numel() * p.element_size() for p in model.parameters()) >= external_data_bytes
+    onnx.save(graph, str(partial), save_as_external_data=external, all_tensors_to_one_file=True, location=data_name)
     try:
         report = validate(partial, model, checkpoint, inputs, atol)
     except ExportError:
-        partial.unlink(missing_ok=True)
+        shutil.rmtree(staging)
         raise
+    # the weights first, then the graph that names them; a weights file of an earlier export goes
+    if external:
+        os.replace(staging / data_name, out.with_name(data_name))
+    else:
+        out.with_name(data_name).unlink(missing_ok=True)
     os.replace(partial, out)
+    staging.rmdir()
     return report
 
 
@@ -104,7 +119,7 @@ def validate(path: Path, model: VLAModel, checkpoint, inputs: dict, atol: float)
     outside = int((error > atol + RTOL * np.abs(expected)).sum())
     report = {"samples": len(expected), "tokens": int(expected.shape[0] * expected.shape[1]), "bins_disagreeing": disagree,
               "max_abs_logit_error": float(error.max()), "logits_outside_tolerance": outside, "atol": atol, "rtol": RTOL,
-              "bytes": path.stat().st_size}
+              "bytes": sum(f.stat().st_size for f in (path, path.with_name(path.name + ".data")) if f.exists())}
     if disagree or outside:
         raise ExportError(f"ONNX validation failed, nothing written: {disagree} bins disagree, {outside} logits outside "
                           f"atol {atol:.0e} + rtol {RTOL:.0e} (max error {error.max():.2e})")

@@ -306,6 +306,30 @@ def test_a_valid_handmade_bag_reads(tmp_path):
     assert len(episode) == 2 and episode.steps()["imu"].shape == (2, 12, 6)  # short IMU history is padded
 
 
+def test_late_commands_pair_with_the_observation_their_twist_answers(tmp_path):
+    """A recorder on a busy robot may log an action after the next observation: the twist published
+    with it carries the stamp of the frame it answers, and pairs it; a holding node's lone twists
+    (no action) are passed over."""
+    writer = EpisodeWriter(tmp_path / "late")
+    period = T.step_stamp(1, 10)
+    for t in range(4):
+        stamp = T.step_stamp(t, 10)
+        writer.write("image", stamp, T.image_fields(np.full((8, 8, 3), t, np.uint8), stamp))
+        writer.write("joint_states", stamp, T.joint_state_fields(np.full(9, 0.1 * t), np.zeros(9), stamp))
+        writer.write("imu", stamp, T.imu_fields(np.zeros(6), stamp))
+    for t in range(3):  # each command logged 1.5 periods after its frame, the next frame already logged
+        logged, action = T.step_stamp(t, 10) + 3 * period // 2, np.full(7, 0.01 * t, np.float32)
+        writer.write("action", logged, T.action_fields(action))
+        writer.write("cmd_twist", logged + 1000, T.twist_fields(action, 10, T.step_stamp(t, 10)))
+        writer.write("cmd_twist", logged + period // 3, T.twist_fields(np.zeros(7), 10, logged + period // 3))  # a hold
+    writer.close(INFO | {"steps": 3})
+    episode = read_episode(tmp_path / "late")
+    steps = episode.steps()
+    assert episode.action_stamps.tolist() == [T.step_stamp(t, 10) for t in range(3)]
+    assert [image[0, 0, 0] for image in steps["images"]] == [0, 1, 2]
+    np.testing.assert_array_equal(steps["states"], episode.states[:3])
+
+
 @pytest.mark.parametrize("case, problem", [
     ("empty directory", "not a rosbag2 directory"),
     ("text file", "not a rosbag2 directory or .mcap file"),

@@ -21,7 +21,7 @@ from sim.contracts import ACTION_DIM, IMU_CHANNELS, STATE_DIM
 from vla.episodes.dataset import MANIFEST, load_manifest, require_dataset, write_atomic
 from vla.episodes.reader import EpisodeError, read_episode
 
-CACHE_FORMAT = 1  # bump when the cache layout or its content changes
+CACHE_FORMAT = 2  # bump when the cache layout or its content changes (2: actions paired by their twist)
 CACHE = ".cache"
 STATS_FILE = "action_stats.json"
 QUANTILES = (0.01, 0.99)

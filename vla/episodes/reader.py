@@ -1,6 +1,8 @@
 """Read one episode (a rosbag2 directory with MCAP storage, or a bare .mcap file) back into numpy,
 and align its streams to control steps: observation t = the latest message of each sensor at or
-before action t's stamp.
+before action t's stamp. /vla/action has no header, so an action's stamp is that of the twist
+published with it (the policy node stamps a twist with the camera frame it answers): a recorder
+that receives commands late then still pairs each with its own observation, not a newer one.
 
 Any bag with the standard topics works (sim or robot); every problem is an EpisodeError naming the
 file. Reading uses the `mcap` package with the standard ROS 2 message definitions: an order of
@@ -28,8 +30,8 @@ from vla.images import fit_image
 
 REQUIRED_INFO = ("task", "instruction", "seed", "success", "steps", "control_hz")
 REQUIRED_TOPICS = ("image", "joint_states", "imu", "action")
-# Decoded topics (the command topics /vla/cmd_twist and /vla/gripper repeat /vla/action).
-DECODED = REQUIRED_TOPICS + ("wrist_image", "instruction", "episode_info")
+# Decoded topics (/vla/cmd_twist and /vla/gripper repeat /vla/action; only the twists' stamps are read).
+DECODED = REQUIRED_TOPICS + ("wrist_image", "instruction", "episode_info", "cmd_twist")
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 MCAP_MAGIC = b"\x89MCAP0\r\n"
 
@@ -57,7 +59,7 @@ class Episode:
     imu: np.ndarray  # float64[M, 6], one row per /imu/data message
     imu_stamps: np.ndarray
     actions: np.ndarray  # float32[T, 7]
-    action_stamps: np.ndarray
+    action_stamps: np.ndarray  # stamps of the observations the actions answer
     instructions: list[str]
     instruction_stamps: np.ndarray
 
@@ -196,6 +198,10 @@ def _read_mcap(file: Path, streams: dict, stamps: dict) -> None:
             for schema, channel, message in reader.iter_messages(topics=list(keys)):
                 key = keys[channel.topic]
                 msg = TYPESTORE.deserialize_cdr(message.data, schema.name)
+                if key == "cmd_twist":  # ordered by when it was logged, beside the action logged with it
+                    stamps[key].append(message.log_time)
+                    streams[key].append(stamp_from_header(msg.header))
+                    continue
                 stamps[key].append(stamp_from_header(msg.header) if hasattr(msg, "header") else message.log_time)
                 streams[key].append(_convert(file, key, msg))
     except EpisodeError:
@@ -241,7 +247,21 @@ def _episode(path: Path, info: dict, streams: dict, stamps: dict) -> Episode:
     wrist, wrist_stamps = ordered("wrist_image") if streams["wrist_image"] else (None, None)
     states, state_stamps = ordered("joint_states")
     imu, imu_stamps = ordered("imu")
-    actions, action_stamps = ordered("action")
+    actions, action_logged = ordered("action")
+    twist_stamps, twist_logged = ordered("cmd_twist")
+    action_stamps = _answered_stamps(action_logged, twist_logged, np.asarray(twist_stamps, dtype=np.int64))
     instructions, instruction_stamps = ordered("instruction")
     return Episode(path, info, images, image_stamps, wrist, wrist_stamps, np.stack(states), state_stamps,
                    np.stack(imu), imu_stamps, np.stack(actions), action_stamps, instructions, instruction_stamps)
+
+
+def _answered_stamps(action_logged: np.ndarray, twist_logged: np.ndarray, twist_stamps: np.ndarray) -> np.ndarray:
+    """Each action's stamp: the header stamp of the twist logged nearest to it (published with it;
+    twists of a holding policy node come without actions), or its own log time without twists."""
+    if not len(twist_logged):
+        return action_logged
+    after = np.clip(np.searchsorted(twist_logged, action_logged), 0, len(twist_logged) - 1)
+    before = np.clip(after - 1, 0, None)
+    nearest = np.where(np.abs(twist_logged[after] - action_logged) < np.abs(twist_logged[before] - action_logged),
+                       after, before)
+    return twist_stamps[nearest]

@@ -61,7 +61,8 @@ class Episode:
     actions: np.ndarray  # float32[T, 7]
     action_stamps: np.ndarray  # stamps of the observations the actions answer
     instructions: list[str]
-    instruction_stamps: np.ndarray
+    instruction_stamps: np.ndarray  # log times: std_msgs/String has no header
+    action_logged: np.ndarray  # the actions' log times, to compare with the instructions'
 
     def __len__(self) -> int:
         return len(self.actions)
@@ -79,7 +80,7 @@ class Episode:
         # Windows shorter than `window` (start of a recording) repeat their oldest sample.
         rows = np.clip(last_imu[:, None] + np.arange(1 - window, 1)[None, :], 0, None)
         instructions = [self.instructions[i] if i >= 0 else self.info["instruction"]
-                        for i in np.searchsorted(self.instruction_stamps, at, side="right") - 1]
+                        for i in np.searchsorted(self.instruction_stamps, self.action_logged, side="right") - 1]
         return {
             "images": _stack(images, image_size), "wrist_images": wrist,
             "states": self.states[self._latest("joint_states", self.state_stamps, at)],
@@ -252,7 +253,8 @@ def _episode(path: Path, info: dict, streams: dict, stamps: dict) -> Episode:
     action_stamps = _answered_stamps(action_logged, twist_logged, np.asarray(twist_stamps, dtype=np.int64))
     instructions, instruction_stamps = ordered("instruction")
     return Episode(path, info, images, image_stamps, wrist, wrist_stamps, np.stack(states), state_stamps,
-                   np.stack(imu), imu_stamps, np.stack(actions), action_stamps, instructions, instruction_stamps)
+                   np.stack(imu), imu_stamps, np.stack(actions), action_stamps, instructions, instruction_stamps,
+                   action_logged)
 
 
 def _answered_stamps(action_logged: np.ndarray, twist_logged: np.ndarray, twist_stamps: np.ndarray) -> np.ndarray:

@@ -78,30 +78,28 @@ def export_onnx(model: VLAModel, checkpoint: str | Path, out: str | Path, observ
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     partial, data_name = staging / out.name, out.name + ".data"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer chatter about transformers' Python-side mask checks
-        batch = torch.export.Dim("batch", min=1, max=1024)
-        torch.onnx.export(ParallelLogits(model), tuple(inputs[n] for n in names), str(partial), input_names=names,
-                          output_names=["logits"], dynamic_shapes={n: {0: batch} for n in names}, opset_version=OPSET,
-                          dynamo=True, external_data=False, verbose=False)
-    graph = onnx.load(str(partial))  # with the weights the exporter itself put beside a large graph
-    for written in staging.iterdir():
-        written.unlink()
-    onnx.helper.set_model_props(graph, {METADATA_KEY: json.dumps(export_metadata(model, checkpoint))})
-    external = sum(p.numel() * p.element_size() for p in model.parameters()) >= external_data_bytes
-    onnx.save(graph, str(partial), save_as_external_data=external, all_tensors_to_one_file=True, location=data_name)
-    try:
+    try:  # whatever fails, nothing is left behind but what was there before
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer chatter about transformers' Python-side mask checks
+            batch = torch.export.Dim("batch", min=1, max=1024)
+            torch.onnx.export(ParallelLogits(model), tuple(inputs[n] for n in names), str(partial), input_names=names,
+                              output_names=["logits"], dynamic_shapes={n: {0: batch} for n in names},
+                              opset_version=OPSET, dynamo=True, external_data=False, verbose=False)
+        graph = onnx.load(str(partial))  # with the weights the exporter itself put beside a large graph
+        for written in staging.iterdir():
+            written.unlink()
+        onnx.helper.set_model_props(graph, {METADATA_KEY: json.dumps(export_metadata(model, checkpoint))})
+        external = sum(p.numel() * p.element_size() for p in model.parameters()) >= external_data_bytes
+        onnx.save(graph, str(partial), save_as_external_data=external, all_tensors_to_one_file=True, location=data_name)
         report = validate(partial, model, checkpoint, inputs, atol)
-    except ExportError:
-        shutil.rmtree(staging)
-        raise
-    # the weights first, then the graph that names them; a weights file of an earlier export goes
-    if external:
-        os.replace(staging / data_name, out.with_name(data_name))
-    else:
-        out.with_name(data_name).unlink(missing_ok=True)
-    os.replace(partial, out)
-    staging.rmdir()
+        # the weights first, then the graph that names them; a weights file of an earlier export goes
+        if external:
+            os.replace(staging / data_name, out.with_name(data_name))
+        else:
+            out.with_name(data_name).unlink(missing_ok=True)
+        os.replace(partial, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return report
 
 

@@ -8,7 +8,7 @@ SENSOR = QoSProfile(depth=5, reliability=ReliabilityPolicy.BEST_EFFORT, durabili
                     history=HistoryPolicy.KEEP_LAST)
 # The IMU arrives in bursts (the sim publishes a control step's 12 samples at once): the queue must
 # hold several bursts while the policy node is busy in inference, or window samples are lost. The
-# recorder uses it for every sensor stream, as it may pause while a bag chunk is compressed.
+# recorder uses it for its other sensor streams, as it may pause while a bag chunk is compressed.
 SENSOR_QUEUED = QoSProfile(depth=64, reliability=ReliabilityPolicy.BEST_EFFORT, durability=DurabilityPolicy.VOLATILE,
                            history=HistoryPolicy.KEEP_LAST)
 # The recorder's IMU queue: a lockstep sim runs faster than real time (12 samples per step, a step

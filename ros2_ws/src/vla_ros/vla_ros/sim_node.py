@@ -1,11 +1,12 @@
 """sim_node: the simulated Panda (sim package) as a ROS 2 node, publishing what a robot's drivers
 publish and executing the policy node's commands, so the closed loop runs over ROS 2 without hardware.
 
-Out: the camera (rgb8; and the wrist camera with `wrist_camera`), /joint_states, /imu/data (the samples of each control step, stamped
-1 / imu_hz apart), /vla/instruction (latched), /vla/episode_info (JSON, latched; at the start and at
-the end of every episode, with its result). In: /vla/cmd_twist (action delta = twist / control_hz)
-and /vla/gripper. ~/reset (std_srvs/Trigger) starts the next episode (next seed); the `instruction`
-parameter replaces the task's instruction, at once and on every reset.
+Out: the camera (rgb8; and the wrist camera with `wrist_camera`), /joint_states, /imu/data (the
+samples of each control step, stamped 1 / imu_hz apart), /vla/instruction (latched),
+/vla/episode_info (JSON, latched; at the start and at the end of every episode, with its result).
+In: /vla/cmd_twist (action delta = twist / control_hz) and /vla/gripper. ~/reset (std_srvs/Trigger)
+starts the next episode (next seed); the `instruction` parameter replaces the task's instruction, at
+once and on every reset.
 
 Two modes. Real time: a timer at the control rate applies the newest command (zero motion when it is
 older than command_timeout). Lockstep (step_on_command): publish an observation, wait for the twist

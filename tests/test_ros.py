@@ -491,7 +491,8 @@ def stamps(messages: list) -> set[int]:
 
 def answers(twists: list, frames: list) -> int:
     """How many twists answer one of `frames` (the policy node stamps each with its frame's stamp)."""
-    return sum(T.stamp_from_header(t.header) in stamps(frames) for _, t in twists)
+    answered = stamps(frames)
+    return sum(T.stamp_from_header(t.header) in answered for _, t in twists)
 
 
 def everything(topic: str) -> QoSProfile:

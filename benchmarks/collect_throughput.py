@@ -17,8 +17,8 @@ from rich.console import Console
 from rich.table import Table
 
 from sim import SimConfig
-from vla.episodes.collect import collect, plan
-from vla.episodes.dataset import DatasetWriter
+from vla.apps.collect import collect, plan
+from vla.data.dataset import DatasetWriter
 
 
 def measure(task: str, workers: int, episodes: int, image_size: int) -> dict:
@@ -42,15 +42,24 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=40)
     parser.add_argument("--image-size", type=int, default=96)
     args = parser.parse_args()
-    table = Table(title=f"vla collect, expert, {args.episodes} episodes per run, {args.image_size}x{args.image_size} camera")
+    table = Table(
+        title=f"vla collect, expert, {args.episodes} episodes per run, {args.image_size}x{args.image_size} camera"
+    )
     for column in ("task", "workers", "episodes/hour", "steps/episode", "bytes/episode", "bytes/step", "success"):
         table.add_column(column, justify="right")
     for task in args.tasks:
         for workers in args.workers:
             r = measure(task, workers, args.episodes, args.image_size)
             per_episode = r["bytes/episode"]
-            table.add_row(task, str(workers), f"{r['episodes/hour']:,.0f}", f"{r['steps']:.1f}", f"{per_episode:,.0f}",
-                          f"{per_episode / r['steps']:,.0f}", f"{100 * r['success']:.0f} %")
+            table.add_row(
+                task,
+                str(workers),
+                f"{r['episodes/hour']:,.0f}",
+                f"{r['steps']:.1f}",
+                f"{per_episode:,.0f}",
+                f"{per_episode / r['steps']:,.0f}",
+                f"{100 * r['success']:.0f} %",
+            )
     Console(width=120).print(table)
 
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from sim import SimConfig
-from vla.episodes.collect import collect, plan
-from vla.episodes.dataset import DatasetWriter
-from vla.episodes.index import EpisodeIndex
+from vla.apps.collect import collect, plan
+from vla.data.dataset import DatasetWriter
+from vla.data.index import EpisodeIndex
 
 
 def pin_to_one_core() -> None:
@@ -79,7 +79,9 @@ def main() -> None:
             return args.batch
 
         print(f"dataset {root}: {len(index.episodes)} episodes, {n} samples, chunk {args.chunk}, one core")
-        print(f"cache build {built:.2f} s ({len(index.episodes) / built:.0f} episodes/s); reopen {1000 * reopened:.1f} ms")
+        print(
+            f"cache build {built:.2f} s ({len(index.episodes) / built:.0f} episodes/s); reopen {1000 * reopened:.1f} ms"
+        )
         print(f"random access index[i]:         {rate(single, args.seconds):>10,.0f} samples/s")
         print(f"random access batch({args.batch}):      {rate(batched, args.seconds):>10,.0f} samples/s")
         memory(index, args.batch, args.epochs)
@@ -92,10 +94,12 @@ def memory(index: EpisodeIndex, batch: int, epochs: int) -> None:
     for epoch in range(epochs):
         order = rng.permutation(len(index))
         for k in range(0, len(order), batch):
-            index.batch(order[k:k + batch])
+            index.batch(order[k : k + batch])
         heap = tracemalloc.get_traced_memory()[0] / 1e6
-        print(f"epoch {epoch + 1}: python heap {heap:.2f} MB, resident {rss_mb():.0f} MB "
-              f"(peak {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6:.0f} MB)")
+        print(
+            f"epoch {epoch + 1}: python heap {heap:.2f} MB, resident {rss_mb():.0f} MB "
+            f"(peak {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6:.0f} MB)"
+        )
     tracemalloc.stop()
 
 

@@ -28,10 +28,10 @@ from rich.table import Table
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from policies import CHECKPOINT_DIR
+from sim.tasks import instruction_corpus
 from vla.config import from_dict
+from vla.model import ModelConfig, VLAModel, create
 from vla.model.checkpoint import read_meta, save_checkpoint
-from vla.model.config import ModelConfig
-from vla.model.model import VLAModel
 from vla.runtime import Runtime, load_runtime
 from vla.runtime.export import export_onnx
 
@@ -56,27 +56,44 @@ class HFGenerate:
     def __init__(self, model: VLAModel):
         self.model = model
         self.processors = LogitsProcessorList([OnlyActions(model.action_offset, model.config.action_bins)])
-        self.autocast = torch.autocast("cuda", torch.bfloat16) if model.device.type == "cuda" else torch.autocast("cpu", enabled=False)
+        self.autocast = (
+            torch.autocast("cuda", torch.bfloat16)
+            if model.device.type == "cuda"
+            else torch.autocast("cpu", enabled=False)
+        )
 
     @torch.inference_mode()
     def __call__(self, inputs):
         with self.autocast:
             embeds, mask, _ = self.model.embed_prefix(**inputs)
             n = self.model.config.action_tokens
-            tokens = self.model.lm.generate(inputs_embeds=embeds, attention_mask=mask.long(), max_new_tokens=n, min_new_tokens=n,
-                                            do_sample=False, logits_processor=self.processors, pad_token_id=self.model.prompt.pad_id)
+            tokens = self.model.lm.generate(
+                inputs_embeds=embeds,
+                attention_mask=mask.long(),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                logits_processor=self.processors,
+                pad_token_id=self.model.ids.pad,
+            )
         return tokens[:, -n:] - self.model.action_offset
 
 
 def observations(batch: int, image_size: int, seed: int) -> list[dict]:
     rng = np.random.default_rng(seed)
-    return [{"image": rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8),
-             "state": rng.normal(size=15).astype(np.float32), "imu": rng.normal(size=(12, 6)).astype(np.float32),
-             "instruction": "pick up the red cube"} for _ in range(batch)]
+    return [
+        {
+            "image": rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8),
+            "state": rng.normal(size=15).astype(np.float32),
+            "imu": rng.normal(size=(12, 6)).astype(np.float32),
+            "instruction": "pick up the red cube",
+        }
+        for _ in range(batch)
+    ]
 
 
 def time_runtime(runtime: Runtime, batch: int, iters: int, device: str) -> dict:
-    obs = observations(batch, runtime.model.config.image_size, 0)
+    obs = observations(batch, runtime.config.image_size, 0)
     for _ in range(3):
         runtime.predict(obs)
     times = []
@@ -85,14 +102,18 @@ def time_runtime(runtime: Runtime, batch: int, iters: int, device: str) -> dict:
         runtime.predict(obs)  # returns numpy: the device work is finished when it returns
         times.append(time.perf_counter() - start)
     p50 = float(np.median(times))
-    return {"p50_ms": 1e3 * p50, "p99_ms": 1e3 * float(np.percentile(times, 99)),
-            "actions_per_s": batch * runtime.chunk / float(np.mean(times))}
+    return {
+        "p50_ms": 1e3 * p50,
+        "p99_ms": 1e3 * float(np.percentile(times, 99)),
+        "actions_per_s": batch * runtime.chunk / float(np.mean(times)),
+    }
 
 
 def make_checkpoint(directory: Path, config: ModelConfig) -> Path:
     """A random-weight model of `config` with both decoders."""
-    model = VLAModel.create(dataclasses.replace(config, decoders=("parallel", "autoregressive")), FAKE_STATS)
-    return save_checkpoint(model, directory)
+    model, processor = create(dataclasses.replace(config, decoders=("parallel", "autoregressive")), FAKE_STATS,
+                              instruction_corpus())
+    return save_checkpoint(directory, model, processor)
 
 
 def checkpoint_to_time(shipped: Path, work: Path) -> tuple[Path, str]:
@@ -107,15 +128,21 @@ def checkpoint_to_time(shipped: Path, work: Path) -> tuple[Path, str]:
 
 def variants(checkpoint: Path, device: str, onnx: Path | None):
     """(name, runtime factory) pairs; the baseline first."""
+
     def hf():
         runtime = load_runtime(checkpoint, "torch", device, "autoregressive", cuda_graphs=False)
-        return Runtime(runtime.model, HFGenerate(runtime.model), "hf-generate")
+        return Runtime(runtime.processor, HFGenerate(runtime.decode.model), runtime.device, "hf-generate")
 
     rows = [("hf-generate (baseline)", hf)]
-    rows += [(f"{d} eager", lambda d=d: load_runtime(checkpoint, "torch", device, d, cuda_graphs=False))
-             for d in ("autoregressive", "parallel")]
+    rows += [
+        (f"{d} eager", lambda d=d: load_runtime(checkpoint, "torch", device, d, cuda_graphs=False))
+        for d in ("autoregressive", "parallel")
+    ]
     if device == "cuda":
-        rows += [(f"{d} cuda-graph", lambda d=d: load_runtime(checkpoint, "torch", device, d)) for d in ("autoregressive", "parallel")]
+        rows += [
+            (f"{d} cuda-graph", lambda d=d: load_runtime(checkpoint, "torch", device, d))
+            for d in ("autoregressive", "parallel")
+        ]
     if onnx:
         rows.append(("onnxruntime parallel", lambda: load_runtime(checkpoint, "onnx", device, onnx=onnx)))
     return rows
@@ -131,7 +158,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    device = (
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     if args.threads:
         torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="vla-bench-"))
@@ -142,21 +173,30 @@ def main() -> None:
             checkpoint, label = checkpoint_to_time(shipped, work)
         else:
             checkpoint, label = make_checkpoint(work / name, ModelConfig(**BIG_BACKBONE)), f"{name} (random)"
-        model = load_runtime(checkpoint, "torch", "cpu").model
+        runtime = load_runtime(checkpoint, "torch", "cpu")
+        model = runtime.decode.model
         params = sum(p.numel() for p in model.parameters())
         onnx = None
         if name == "default" or device == "cuda":  # the big model on 2 CPU cores would take minutes
             onnx = checkpoint / "model.onnx"
             if not onnx.is_file():
                 onnx = work / f"{name}.onnx"
-                export_onnx(model, checkpoint, onnx, observations(4, model.config.image_size, 1))
-        del model
+                export_onnx(model, runtime.processor, checkpoint, onnx, observations(4, model.config.image_size, 1))
+        del model, runtime
         for variant, factory in variants(checkpoint, device, onnx):
             runtime = factory()
             for batch in map(int, args.batches.split(",")):
                 iters = args.iters if batch == 1 or device == "cuda" else max(10, args.iters // 5)
-                rows.append({"model": label, "params_M": params / 1e6, "variant": variant, "ran": runtime.name,
-                             "batch": batch, **time_runtime(runtime, batch, iters, device)})
+                rows.append(
+                    {
+                        "model": label,
+                        "params_M": params / 1e6,
+                        "variant": variant,
+                        "ran": runtime.name,
+                        "batch": batch,
+                        **time_runtime(runtime, batch, iters, device),
+                    }
+                )
                 print(json.dumps(rows[-1]), flush=True)
             del runtime
             if device == "cuda":
@@ -172,9 +212,19 @@ def show(rows: list[dict], device: str) -> None:
     for column in ("model", "params", "variant", "batch", "p50 ms", "p99 ms", "actions/s", "x baseline (p50)"):
         table.add_column(column, justify="left" if column in ("model", "variant") else "right")
     for row in rows:
-        base = next(r for r in rows if r["model"] == row["model"] and r["batch"] == row["batch"] and "baseline" in r["variant"])
-        table.add_row(row["model"], f"{row['params_M']:.1f}M", row["variant"], str(row["batch"]), f"{row['p50_ms']:.2f}",
-                      f"{row['p99_ms']:.2f}", f"{row['actions_per_s']:,.0f}", f"{base['p50_ms'] / row['p50_ms']:.1f}x")
+        base = next(
+            r for r in rows if r["model"] == row["model"] and r["batch"] == row["batch"] and "baseline" in r["variant"]
+        )
+        table.add_row(
+            row["model"],
+            f"{row['params_M']:.1f}M",
+            row["variant"],
+            str(row["batch"]),
+            f"{row['p50_ms']:.2f}",
+            f"{row['p99_ms']:.2f}",
+            f"{row['actions_per_s']:,.0f}",
+            f"{base['p50_ms'] / row['p50_ms']:.1f}x",
+        )
     Console(width=160).print(table)
 
 

@@ -31,7 +31,9 @@ def our_steps_per_second(image_size: int, seconds: float) -> float:
     steps, busy = 0, 0.0
     while busy < seconds:
         start = time.perf_counter()
-        _, _, terminated, truncated, _ = env.step(rng.uniform(env.action_space.low, env.action_space.high).astype(np.float32))
+        _, _, terminated, truncated, _ = env.step(
+            rng.uniform(env.action_space.low, env.action_space.high).astype(np.float32)
+        )
         busy += time.perf_counter() - start
         steps += 1
         if terminated or truncated:

@@ -21,15 +21,26 @@ FASTDDS_PROFILE = SetEnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE", Enviro
 
 def nodes(context):
     rate = LaunchConfiguration("rate").perform(context)
-    given = {"bag": LaunchConfiguration("bag").perform(context)} | ({"rate": float(yaml.safe_load(rate))} if rate else {})
-    return [Node(package="vla_ros", executable="replay_node", name="replay_node", output="screen",
-                 parameters=[str(CONFIG / "replay.yaml"), given])]
+    given = {"bag": LaunchConfiguration("bag").perform(context)} | (
+        {"rate": float(yaml.safe_load(rate))} if rate else {}
+    )
+    return [
+        Node(
+            package="vla_ros",
+            executable="replay_node",
+            name="replay_node",
+            output="screen",
+            parameters=[str(CONFIG / "replay.yaml"), given],
+        )
+    ]
 
 
 def generate_launch_description():
-    return LaunchDescription([
-        DeclareLaunchArgument("bag", description="episode: rosbag2 directory or .mcap file"),
-        DeclareLaunchArgument("rate", default_value="", description="playback speed factor (default: its YAML)"),
-        FASTDDS_PROFILE,
-        OpaqueFunction(function=nodes),
-    ])
+    return LaunchDescription(
+        [
+            DeclareLaunchArgument("bag", description="episode: rosbag2 directory or .mcap file"),
+            DeclareLaunchArgument("rate", default_value="", description="playback speed factor (default: its YAML)"),
+            FASTDDS_PROFILE,
+            OpaqueFunction(function=nodes),
+        ]
+    )

@@ -23,29 +23,27 @@ CONFIG = Path(get_package_share_directory("vla_ros")) / "config"
 # Camera images in shared memory (see config/fastdds.xml), unless a Fast DDS profile is set already.
 FASTDDS_PROFILE = SetEnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE", EnvironmentVariable(
     "FASTDDS_DEFAULT_PROFILES_FILE", default_value=str(CONFIG / "fastdds.xml")))
-TOPICS = {"camera": "/camera/image_raw", "wrist_camera": "/camera/wrist/image_raw", "joint_states": "/joint_states",
-          "imu": "/imu/data",
-          "instruction": "/vla/instruction", "cmd_twist": "/vla/cmd_twist", "gripper": "/vla/gripper",
-          "action": "/vla/action"}
+# Launch arguments for policy_node parameters; topics are parameters too (<name>_topic, defaults in
+# vla.contracts.topics), so that the robot's own names replace ours without a second table here.
+TOPIC_ARGUMENTS = {name: f"{name}_topic" for name in ("camera", "wrist_camera", "joint_states", "imu", "instruction",
+                                                     "gripper", "action")} | {"cmd_twist": "twist_topic"}
 OVERRIDES = ("policy", "device", "backend", "image_transport")
 
 
 def nodes(context):
     given = {name: LaunchConfiguration(name).perform(context) for name in OVERRIDES}
-    remappings = [(topic, LaunchConfiguration(name).perform(context)) for name, topic in TOPICS.items()]
-    # image_transport's compressed topics follow the cameras' remappings (the wrist camera is
-    # subscribed only by models that take one)
-    remappings += [(TOPICS[name] + "/compressed", LaunchConfiguration(name).perform(context) + "/compressed")
-                   for name in ("camera", "wrist_camera")]
+    parameters = {name: yaml.safe_load(value) for name, value in given.items() if value}
+    for name, parameter in TOPIC_ARGUMENTS.items():
+        topic = LaunchConfiguration(name).perform(context)
+        if topic:  # image_transport's compressed topic follows: <camera_topic>/compressed
+            parameters[parameter] = topic
     return [Node(package="vla_ros", executable="policy_node", name="policy_node", output="screen",
-                 parameters=[str(CONFIG / "policy_robot.yaml"),
-                             {name: yaml.safe_load(value) for name, value in given.items() if value}],
-                 remappings=remappings)]
+                 parameters=[str(CONFIG / "policy_robot.yaml"), parameters])]
 
 
 def generate_launch_description():
-    arguments = [DeclareLaunchArgument(name, default_value=topic, description=f"topic of {name}")
-                 for name, topic in TOPICS.items()]
+    arguments = [DeclareLaunchArgument(name, default_value="", description=f"topic of {name} (default: the node's)")
+                 for name in TOPIC_ARGUMENTS]
     arguments += [DeclareLaunchArgument(name, default_value="", description="policy_node parameter (default: its YAML)")
                   for name in OVERRIDES]
     return LaunchDescription(arguments + [FASTDDS_PROFILE, OpaqueFunction(function=nodes)])

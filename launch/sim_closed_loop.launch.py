@@ -32,18 +32,35 @@ def overrides(context, node: str) -> dict:
 
 def nodes(context):
     return [
-        Node(package="vla_ros", executable="sim_node", name="sim_node", output="screen",
-             parameters=[str(CONFIG / "sim.yaml"), overrides(context, "sim_node")]),
-        Node(package="vla_ros", executable="policy_node", name="policy_node", output="screen",
-             parameters=[str(CONFIG / "policy_sim.yaml"), overrides(context, "policy_node")]),
-        Node(package="vla_ros", executable="recorder_node", name="recorder_node", output="screen",
-             condition=IfCondition(LaunchConfiguration("record")),
-             parameters=[str(CONFIG / "recorder.yaml"), {"follow_episodes": True}, overrides(context, "recorder_node")]),
+        Node(
+            package="vla_ros",
+            executable="sim_node",
+            name="sim_node",
+            output="screen",
+            parameters=[str(CONFIG / "sim.yaml"), overrides(context, "sim_node")],
+        ),
+        Node(
+            package="vla_ros",
+            executable="policy_node",
+            name="policy_node",
+            output="screen",
+            parameters=[str(CONFIG / "policy_sim.yaml"), overrides(context, "policy_node")],
+        ),
+        Node(
+            package="vla_ros",
+            executable="recorder_node",
+            name="recorder_node",
+            output="screen",
+            condition=IfCondition(LaunchConfiguration("record")),
+            parameters=[str(CONFIG / "recorder.yaml"), {"follow_episodes": True}, overrides(context, "recorder_node")],
+        ),
     ]
 
 
 def generate_launch_description():
-    arguments = [DeclareLaunchArgument(name, default_value="", description=f"{owner} parameter (default: its YAML)")
-                 for name, owner in OVERRIDES.items()]
+    arguments = [
+        DeclareLaunchArgument(name, default_value="", description=f"{owner} parameter (default: its YAML)")
+        for name, owner in OVERRIDES.items()
+    ]
     arguments.append(DeclareLaunchArgument("record", default_value="false", description="record every episode"))
     return LaunchDescription(arguments + [FASTDDS_PROFILE, OpaqueFunction(function=nodes)])

@@ -3,20 +3,22 @@
 from pathlib import Path
 
 from policies.base import Policy
-from policies.simple import ExpertPolicy, RandomPolicy, ReplayPolicy
+from policies.simple import RandomPolicy, ReplayPolicy
 
-CONFIG_DIR = Path(__file__).parent / "configs"
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
 
-__all__ = ["CHECKPOINT_DIR", "CONFIG_DIR", "ExpertPolicy", "Policy", "RandomPolicy", "ReplayPolicy"]
+__all__ = ["CHECKPOINT_DIR", "Policy", "RandomPolicy", "ReplayPolicy", "load_policy"]
 
 
 def load_policy(spec: str, env=None, seed: int = 0, **kwargs) -> Policy:
-    """'expert' (needs the env), 'random', or a checkpoint directory (the VLA policy)."""
+    """'expert' (the scripted expert; needs the env), 'random', or a checkpoint directory (the VLA
+    policy; `kwargs` go to VLAPolicy.from_checkpoint)."""
     if spec == "expert":
         if env is None:
             raise ValueError("the scripted expert needs the simulator env (it reads privileged state)")
-        return ExpertPolicy(env)
+        from sim.expert import ScriptedExpert
+
+        return ScriptedExpert(env)
     if spec == "random":
         return RandomPolicy(seed)
     path = Path(spec)

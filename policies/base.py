@@ -5,11 +5,15 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from vla.contracts.observation import ObservationSpec
+
 
 @runtime_checkable
 class Policy(Protocol):
+    spec: ObservationSpec  # what its observations must hold (image size, IMU window, wrist camera)
+
     def reset(self, instruction: str) -> None:
         """Start a new episode with this instruction."""
 
     def act(self, obs: dict) -> np.ndarray:
-        """Observation (sim.contracts) in, float32[7] action out."""
+        """Observation (vla.contracts) in, float32[7] action out."""

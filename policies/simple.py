@@ -1,17 +1,16 @@
-"""Policies that need no model: the scripted expert, uniform random actions, replay of an action list."""
+"""Policies that need no model: uniform random actions, replay of an action list. (The scripted
+expert lives with the simulator, whose privileged state it reads: sim.expert.)"""
 from __future__ import annotations
 
 import numpy as np
 
-from sim.contracts import ACTION_DIM, ACTION_HIGH, ACTION_LOW
-from sim.expert import ScriptedExpert
-
-
-class ExpertPolicy(ScriptedExpert):
-    """The privileged scripted expert; it reads the simulator state of `env`."""
+from vla.contracts.action import ACTION_DIM, ACTION_HIGH, ACTION_LOW
+from vla.contracts.observation import ObservationSpec
 
 
 class RandomPolicy:
+    spec = ObservationSpec()
+
     def __init__(self, seed: int = 0):
         self.rng = np.random.default_rng(seed)
 
@@ -24,6 +23,8 @@ class RandomPolicy:
 
 class ReplayPolicy:
     """Plays back a recorded (T, 7) action array; holds still (zero deltas, last gripper) after it."""
+
+    spec = ObservationSpec()
 
     def __init__(self, actions):
         self.actions = np.asarray(actions, dtype=np.float32).reshape(-1, ACTION_DIM)

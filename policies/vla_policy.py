@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sim.contracts import ACTION_DIM, clip_action
+from vla.contracts.action import ACTION_DIM
+from vla.contracts.observation import ObservationSpec
 from vla.runtime import Runtime, load_runtime
 
 EXECUTIONS = ("ensemble", "chunk")
@@ -24,7 +25,9 @@ EXECUTIONS = ("ensemble", "chunk")
 class VLAPolicy:
     """Executes the action chunks of a Runtime (vla.runtime: torch or onnx, CPU or CUDA)."""
 
-    def __init__(self, runtime: Runtime, execution: str = "ensemble", execute_steps: int = 0, ensemble_decay: float = 0.5):
+    def __init__(
+        self, runtime: Runtime, execution: str = "ensemble", execute_steps: int = 0, ensemble_decay: float = 0.5
+    ):
         if execution not in EXECUTIONS:
             raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
         chunk = runtime.chunk
@@ -38,14 +41,22 @@ class VLAPolicy:
         self.reset("")
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, backend: str = "torch", device: str = "auto", decoder: str | None = None,
-                        onnx: str | Path | None = None, threads: int = 0, **kwargs) -> "VLAPolicy":
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        backend: str = "torch",
+        device: str = "auto",
+        decoder: str | None = None,
+        onnx: str | Path | None = None,
+        threads: int = 0,
+        **kwargs,
+    ) -> VLAPolicy:
         return cls(load_runtime(path, backend, device, decoder, onnx, threads=threads), **kwargs)
 
     @property
-    def model_config(self):
-        """The model's ModelConfig: what observations it takes (image size, IMU window, wrist camera)."""
-        return self.runtime.model.config
+    def spec(self) -> ObservationSpec:
+        """What the model's observations hold (image size, IMU window, wrist camera)."""
+        return self.runtime.config.spec
 
     def reset(self, instruction: str) -> None:
         self.instruction, self.t = instruction, 0
@@ -68,4 +79,6 @@ class VLAPolicy:
             weights = np.exp(-self.ensemble_decay * ages)
             action = (weights[:, None] * predictions).sum(0) / weights.sum()
         self.t += 1
-        return clip_action(action.astype(np.float32).reshape(ACTION_DIM))
+        # inside the limits: the runtime's chunks are, and so is their weighted mean (computed in
+        # float64, its rounding error is far below what the cast to float32 rounds away)
+        return action.astype(np.float32).reshape(ACTION_DIM)

@@ -1,18 +1,28 @@
 # Sourced by demo.sh and test.sh: create/refresh the project virtualenv in .venv.
 # TORCH_SPEC overrides the torch requirement (default: the pinned CPU build, installed first so that
-# no multi-GB CUDA build is pulled in as a dependency).
+# no multi-GB CUDA build is pulled in as a dependency). pip's output goes to .venv/install.log.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
-if [ ! -x .venv/bin/python ]; then
-    "$PYTHON" -m venv .venv
-fi
 stamp=.venv/.installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ ros2_ws/src/vla_ros/setup.py -nt "$stamp" ]; then
-    .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q "$TORCH_SPEC"
-    .venv/bin/python -m pip install -q -e ".[ros,dev]" -e ros2_ws/src/vla_ros
+    echo "Setting up the project virtualenv in .venv (the first time takes a few minutes; log: .venv/install.log)"
+    [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+    : > .venv/install.log
+    install() {
+        echo "  $1"
+        shift
+        if ! .venv/bin/python -m pip install "$@" >> .venv/install.log 2>&1; then
+            echo "pip install $* failed; the end of .venv/install.log:" >&2
+            tail -n 40 .venv/install.log >&2
+            exit 1
+        fi
+    }
+    install "pip" --upgrade pip
+    install "torch ($TORCH_SPEC)" "$TORCH_SPEC"
+    install "the project, with its ROS 2 wheels" -e ".[ros,dev]" -e ros2_ws/src/vla_ros
     touch "$stamp"
+    echo "  ready"
 fi
 export PATH="$PWD/.venv/bin:$PATH"

@@ -1,19 +1,22 @@
 """Simulator settings: one typed dataclass, validated on construction."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import dataclasses
+from dataclasses import dataclass
 
 from sim.scene import COLOURS
+from vla.config import from_dict
+from vla.contracts.observation import CONTROL_HZ, IMAGE_SIZE, IMU_HZ, IMU_WINDOW, ObservationSpec
 
 
 @dataclass(frozen=True)
 class SimConfig:
-    image_size: int = 96  # scene (and wrist) camera, square, pixels
+    image_size: int = IMAGE_SIZE  # scene (and wrist) camera, square, pixels
     wrist_camera: bool = False
     physics_hz: int = 240
-    control_hz: int = 10
-    imu_hz: int = 120  # must divide physics_hz
-    imu_window: int = 12  # samples per observation (default: one control period)
+    control_hz: int = CONTROL_HZ
+    imu_hz: int = IMU_HZ  # must divide physics_hz
+    imu_window: int = IMU_WINDOW  # samples per observation (default: one control period)
     imu_noise: bool = True  # white noise and a per-episode bias
     gui: bool = False  # PyBullet GUI window instead of DIRECT
     shadows: bool = False
@@ -25,13 +28,11 @@ class SimConfig:
     max_steps: int = 0  # 0: the task's own limit
 
     def __post_init__(self):
-        positive = ("image_size", "physics_hz", "control_hz", "imu_hz", "imu_window")
-        for name in positive:
+        ObservationSpec(self.image_size, self.imu_window, self.wrist_camera)  # the same checks
+        for name in ("physics_hz", "control_hz", "imu_hz"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"SimConfig.{name} must be a positive integer, got {value!r}")
-        if self.image_size < 16 or self.image_size > 1024:
-            raise ValueError(f"SimConfig.image_size must be in 16..1024, got {self.image_size}")
         if self.physics_hz % self.control_hz:
             raise ValueError(
                 f"SimConfig.control_hz ({self.control_hz}) must divide physics_hz ({self.physics_hz})"
@@ -54,10 +55,17 @@ class SimConfig:
     def substeps(self) -> int:
         return self.physics_hz // self.control_hz
 
+    @property
+    def spec(self) -> ObservationSpec:
+        """What the observations hold."""
+        return ObservationSpec(self.image_size, self.imu_window, self.wrist_camera)
+
     @classmethod
-    def from_dict(cls, values: dict) -> "SimConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown SimConfig field(s) {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**values)
+    def for_spec(cls, spec: ObservationSpec, **settings) -> SimConfig:
+        """A simulator giving the observations of `spec` (a policy's), with other `settings`."""
+        return cls(**dataclasses.asdict(spec), **settings)
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "SimConfig") -> SimConfig:
+        """From a mapping (YAML, JSON), with one-line errors for unknown or ill-typed keys."""
+        return from_dict(cls, values, where)

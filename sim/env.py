@@ -9,26 +9,49 @@ import numpy as np
 import pybullet as p
 
 from sim.config import SimConfig
-from sim.contracts import action_space, clip_action, observation_space
 from sim.robot import HAND_LINK, Panda
 from sim.scene import Scene
 from sim.sensors import SCENE_EYE, SCENE_TARGET, Camera, Imu, wrist_view
-from sim.tasks import make_task
+from sim.tasks import TOUCH_DISTANCE, make_task
+from vla.contracts.action import ACTION_HIGH, ACTION_LOW, clip_action
+from vla.contracts.observation import (
+    IMU_CHANNELS,
+    INSTRUCTION_CHARSET,
+    INSTRUCTION_MAX_LENGTH,
+    STATE_DIM,
+    ObservationSpec,
+)
 
 VIDEO_SIZE = 256
-TOUCH_DISTANCE = 0.05
 # Episodes start with the grasp point somewhere in this box (base frame, metres), so that a policy
 # cannot infer where to go from the arm's state alone.
 START_LOW, START_HIGH = np.array([0.35, -0.15, 0.18]), np.array([0.55, 0.15, 0.32])
 
 
-class VLAEnv(gym.Env):
-    """Observations and actions follow sim.contracts. Each reset rebuilds the world from scratch
+def observation_space(spec: ObservationSpec) -> gym.spaces.Dict:
+    """The observation contract (vla.contracts.observation) as a Gymnasium space."""
+    image = gym.spaces.Box(0, 255, (spec.image_size, spec.image_size, 3), np.uint8)
+    spaces = {
+        "image": image,
+        "state": gym.spaces.Box(-np.inf, np.inf, (STATE_DIM,), np.float32),
+        "imu": gym.spaces.Box(-np.inf, np.inf, (spec.imu_window, IMU_CHANNELS), np.float32),
+        "instruction": gym.spaces.Text(INSTRUCTION_MAX_LENGTH, charset=INSTRUCTION_CHARSET),
+    }
+    if spec.wrist_camera:
+        spaces["wrist_image"] = image
+    return gym.spaces.Dict(spaces)
+
+
+class TabletopEnv(gym.Env):
+    """A Panda on a table, one language-conditioned task. Observations and actions follow
+    vla.contracts. Each reset rebuilds the world from scratch
     (resetSimulation), so an episode depends only on its seed: info["seed"] replays it."""
 
-    metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 10}  # noqa: RUF012 (gymnasium's convention)
 
-    def __init__(self, task: str = "reach", config: SimConfig | None = None, render_mode: str | None = None, **overrides):
+    def __init__(
+        self, task: str = "reach", config: SimConfig | None = None, render_mode: str | None = None, **overrides
+    ):
         config = config or SimConfig()
         if overrides:
             config = dataclasses.replace(config, **overrides)
@@ -37,8 +60,8 @@ class VLAEnv(gym.Env):
         self.config, self.render_mode = config, render_mode
         self.task = make_task(task)
         self.max_steps = config.max_steps or self.task.max_steps
-        self.observation_space = observation_space(config.image_size, config.imu_window, config.wrist_camera)
-        self.action_space = action_space()
+        self.observation_space = observation_space(config.spec)
+        self.action_space = gym.spaces.Box(ACTION_LOW, ACTION_HIGH, dtype=np.float32)
         self.client = p.connect(p.GUI if config.gui else p.DIRECT)
         self.camera = Camera(self.client, config.image_size, shadows=config.shadows)
         self._seeds = np.random.default_rng()
@@ -60,6 +83,7 @@ class VLAEnv(gym.Env):
         return self._observation(), self._info(False)
 
     def step(self, action):
+        """Execute `action` clipped to the limits (the robot's own; info["action"] is what ran)."""
         action = clip_action(action)
         self.robot.command(action)
         self._simulate(self.config.substeps)
@@ -68,7 +92,7 @@ class VLAEnv(gym.Env):
         success = self.task.success(self.scene, ee, self.robot.body)
         self.touched = self.touched or self._first_touched(ee)
         truncated = self.steps >= self.max_steps and not success
-        return self._observation(), float(success), success, truncated, self._info(success)
+        return self._observation(), float(success), success, truncated, self._info(success) | {"action": action}
 
     def render(self):
         if self.render_mode == "rgb_array":
@@ -130,11 +154,20 @@ class VLAEnv(gym.Env):
         """The object the gripper reaches first (grasp point within touch distance, or contact):
         which object a policy went for, for language-grounding reports. Bins are not handled."""
         for obj in self.scene.objects:
-            if obj.shape != "bin" and (np.linalg.norm(self.scene.position(obj) - ee) < TOUCH_DISTANCE
-                                       or self.scene.in_contact(obj.body, self.robot.body)):
+            if obj.shape != "bin" and (
+                np.linalg.norm(self.scene.position(obj) - ee) < TOUCH_DISTANCE
+                or self.scene.in_contact(obj.body, self.robot.body)
+            ):
                 return obj.name
         return None
 
     def _info(self, success: bool) -> dict:
-        return {"success": success, "is_success": success, "task": self.task.name, "seed": self.episode_seed,
-                "steps": self.steps, "target": self.task.target.name, "touched": self.touched}
+        return {
+            "success": success,
+            "is_success": success,
+            "task": self.task.name,
+            "seed": self.episode_seed,
+            "steps": self.steps,
+            "target": self.task.target.name,
+            "touched": self.touched,
+        }

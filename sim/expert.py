@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pybullet as p
 
-from sim.contracts import ACTION_HIGH, ACTION_LOW, MAX_TRANSLATION
 from sim.scene import BIN_HEIGHT, CUBE_HALF
 from sim.tasks import Pick, Place, Push, Reach
+from vla.contracts.action import ACTION_HIGH, ACTION_LOW, MAX_TRANSLATION
 
 OPEN, CLOSED = 1.0, 0.0
 HOVER = 0.10  # approach height above the table
@@ -21,10 +21,11 @@ def _wrap(angle: float, period: float) -> float:
 
 
 class ScriptedExpert:
-    """Call reset() after env.reset(), then act(obs) each step."""
+    """Call reset() after env.reset(), then act(obs) each step (the Policy interface)."""
 
     def __init__(self, env):
         self.env = env.unwrapped
+        self.spec = self.env.config.spec
 
     def reset(self, instruction: str = "") -> None:
         self.phase, self.wait = 0, 0

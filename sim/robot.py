@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pybullet as p
 
-from sim.contracts import WORKSPACE_HIGH, WORKSPACE_LOW
-from sim.kinematics import state_from_joints
+from vla.contracts.action import WORKSPACE_HIGH, WORKSPACE_LOW
+from vla.contracts.kinematics import state_from_joints
 
 # Visual meshes are the stock collision meshes (~3.4k triangles in all instead of ~100k):
 # the CPU renderer's cost is dominated by triangles at small image sizes.
@@ -28,7 +28,9 @@ MAX_FINGER = 0.04  # per finger, metres
 class Panda:
     def __init__(self, client: int):
         self.client = client
-        self.body = p.loadURDF(str(URDF), useFixedBase=True, flags=p.URDF_ENABLE_CACHED_GRAPHICS_SHAPES, physicsClientId=client)
+        self.body = p.loadURDF(
+            str(URDF), useFixedBase=True, flags=p.URDF_ENABLE_CACHED_GRAPHICS_SHAPES, physicsClientId=client
+        )
         for j, q in zip(ARM_JOINTS, HOME):
             p.resetJointState(self.body, j, q, physicsClientId=client)
         for j in FINGER_JOINTS:
@@ -81,13 +83,34 @@ class Panda:
 
     def _inverse_kinematics(self, position: np.ndarray, quat, iterations: int = 20) -> list[float]:
         q = p.calculateInverseKinematics(
-            self.body, EE_LINK, position.tolist(), quat,
-            lowerLimits=LOWER + [0, 0], upperLimits=UPPER + [MAX_FINGER] * 2,
-            jointRanges=RANGES + [MAX_FINGER] * 2, restPoses=HOME + [self.finger_target] * 2,
-            maxNumIterations=iterations, residualThreshold=1e-4, physicsClientId=self.client,
+            self.body,
+            EE_LINK,
+            position.tolist(),
+            quat,
+            lowerLimits=LOWER + [0, 0],
+            upperLimits=UPPER + [MAX_FINGER] * 2,
+            jointRanges=RANGES + [MAX_FINGER] * 2,
+            restPoses=HOME + [self.finger_target] * 2,
+            maxNumIterations=iterations,
+            residualThreshold=1e-4,
+            physicsClientId=self.client,
         )
         return list(q[:7])
 
     def apply_targets(self) -> None:
-        p.setJointMotorControlArray(self.body, ARM_JOINTS, p.POSITION_CONTROL, targetPositions=self.arm_targets, forces=ARM_FORCES, physicsClientId=self.client)
-        p.setJointMotorControlArray(self.body, FINGER_JOINTS, p.POSITION_CONTROL, targetPositions=[self.finger_target] * 2, forces=[FINGER_FORCE] * 2, physicsClientId=self.client)
+        p.setJointMotorControlArray(
+            self.body,
+            ARM_JOINTS,
+            p.POSITION_CONTROL,
+            targetPositions=self.arm_targets,
+            forces=ARM_FORCES,
+            physicsClientId=self.client,
+        )
+        p.setJointMotorControlArray(
+            self.body,
+            FINGER_JOINTS,
+            p.POSITION_CONTROL,
+            targetPositions=[self.finger_target] * 2,
+            forces=[FINGER_FORCE] * 2,
+            physicsClientId=self.client,
+        )

@@ -65,13 +65,22 @@ class Scene:
         elif shape == "cylinder":
             h = 2 * CYLINDER_HALF
             col = p.createCollisionShape(p.GEOM_CYLINDER, radius=CYLINDER_RADIUS, height=h, physicsClientId=c)
-            vis = p.createVisualShape(p.GEOM_CYLINDER, radius=CYLINDER_RADIUS, length=h, rgbaColor=rgba, physicsClientId=c)
+            vis = p.createVisualShape(
+                p.GEOM_CYLINDER, radius=CYLINDER_RADIUS, length=h, rgbaColor=rgba, physicsClientId=c
+            )
             z, mass = CYLINDER_HALF, 0.05
         else:
             raise ValueError(f"unknown shape {shape!r}; choose from {SHAPES}")
         orn = p.getQuaternionFromEuler((0, 0, yaw))
         body = p.createMultiBody(mass, col, vis, basePosition=(xy[0], xy[1], z), baseOrientation=orn, physicsClientId=c)
-        p.changeDynamics(body, -1, lateralFriction=1.0, spinningFriction=0.001, rollingFriction=0.0005 if shape == "ball" else 0.0, physicsClientId=c)
+        p.changeDynamics(
+            body,
+            -1,
+            lateralFriction=1.0,
+            spinningFriction=0.001,
+            rollingFriction=0.0005 if shape == "ball" else 0.0,
+            physicsClientId=c,
+        )
         obj = SceneObject(body, shape, colour, z)
         self.objects.append(obj)
         return obj
@@ -89,8 +98,16 @@ class Scene:
         halves = [list(hx) for hx, _ in parts]
         centres = [list(cx) for _, cx in parts]
         n = len(parts)
-        col = p.createCollisionShapeArray([p.GEOM_BOX] * n, halfExtents=halves, collisionFramePositions=centres, physicsClientId=c)
-        vis = p.createVisualShapeArray([p.GEOM_BOX] * n, halfExtents=halves, visualFramePositions=centres, rgbaColors=[(*rgb, 1.0)] * n, physicsClientId=c)
+        col = p.createCollisionShapeArray(
+            [p.GEOM_BOX] * n, halfExtents=halves, collisionFramePositions=centres, physicsClientId=c
+        )
+        vis = p.createVisualShapeArray(
+            [p.GEOM_BOX] * n,
+            halfExtents=halves,
+            visualFramePositions=centres,
+            rgbaColors=[(*rgb, 1.0)] * n,
+            physicsClientId=c,
+        )
         body = p.createMultiBody(0, col, vis, basePosition=(xy[0], xy[1], 0), physicsClientId=c)
         obj = SceneObject(body, "bin", colour, 0.0)
         self.objects.append(obj)
@@ -107,7 +124,9 @@ class Scene:
         return len(p.getContactPoints(a, b, physicsClientId=self.client)) > 0
 
 
-def sample_positions(rng: np.random.Generator, n: int, min_distance: float, low=OBJECT_REGION_LOW, high=OBJECT_REGION_HIGH) -> list[np.ndarray]:
+def sample_positions(
+    rng: np.random.Generator, n: int, min_distance: float, low=OBJECT_REGION_LOW, high=OBJECT_REGION_HIGH
+) -> list[np.ndarray]:
     """n points in the region at least min_distance apart (rejection sampling, restarts if stuck)."""
     for _ in range(100):
         points: list[np.ndarray] = []

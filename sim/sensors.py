@@ -51,10 +51,16 @@ class Imu:
     ACCEL_NOISE, GYRO_NOISE = 0.05, 0.005  # std per sample
     ACCEL_BIAS, GYRO_BIAS = 0.08, 0.01  # std of the per-episode bias
 
-    def __init__(self, client: int, body: int, link: int, rate_hz: int, window: int, rng: np.random.Generator, noisy: bool):
+    def __init__(
+        self, client: int, body: int, link: int, rate_hz: int, window: int, rng: np.random.Generator, noisy: bool
+    ):
         self.client, self.body, self.link, self.dt = client, body, link, 1.0 / rate_hz
         self.rng, self.noisy = rng, noisy
-        self.bias = np.concatenate([rng.normal(0, self.ACCEL_BIAS, 3), rng.normal(0, self.GYRO_BIAS, 3)]) if noisy else np.zeros(6)
+        self.bias = (
+            np.concatenate([rng.normal(0, self.ACCEL_BIAS, 3), rng.normal(0, self.GYRO_BIAS, 3)])
+            if noisy
+            else np.zeros(6)
+        )
         self.samples: deque[np.ndarray] = deque(maxlen=window)
         # Every sample since the last take_fresh() (for recorders), bounded to one second's worth.
         self.fresh: deque[np.ndarray] = deque(maxlen=rate_hz)

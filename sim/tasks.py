@@ -4,13 +4,25 @@ Every task puts objects of other colours beside the one it names, so the instruc
 """
 from __future__ import annotations
 
+import itertools
+import string
+
 import numpy as np
 import pybullet as p
 
 from sim.scene import (
-    BIN_HEIGHT, BIN_INNER_HALF, CUBE_HALF, SHAPES, Scene, SceneObject, sample_positions, shade,
+    BIN_HEIGHT,
+    BIN_INNER_HALF,
+    COLOURS,
+    CUBE_HALF,
+    SHAPES,
+    Scene,
+    SceneObject,
+    sample_positions,
+    shade,
 )
 
+TOUCH_DISTANCE = 0.05  # grasp point to an object's centre: reached (success of reach, grounding)
 PUSH_DISTANCE = 0.12
 PUSH_DIRECTIONS = {  # name -> (unit vector in the base frame, phrasings)
     "left": ((0.0, 1.0), ("to the left", "left", "leftwards")),
@@ -52,26 +64,35 @@ class Reach(Task):
     name, max_steps = "reach", 40
     templates = ("touch the {colour} {shape}", "reach the {colour} {shape}",
                  "move to the {colour} {shape}", "put the gripper on the {colour} {shape}")
-    TOUCH_DISTANCE = 0.05  # grasp point to object centre
 
     def build(self, scene, rng, colours, shades):
         positions = sample_positions(rng, 3, 0.1)
         chosen = rng.choice(len(colours), size=3, replace=False)
         objects = [
-            scene.add_object(SHAPES[rng.integers(len(SHAPES))], colours[i], shade(rng, colours[i], shades), xy, rng.uniform(-np.pi, np.pi))
+            scene.add_object(
+                SHAPES[rng.integers(len(SHAPES))],
+                colours[i],
+                shade(rng, colours[i], shades),
+                xy,
+                rng.uniform(-np.pi, np.pi),
+            )
             for i, xy in zip(chosen, positions)
         ]
         self.target = objects[0]
         return self.phrase(rng, colour=self.target.colour, shape=self.target.shape)
 
     def success(self, scene, ee_position, gripper_body):
-        return bool(np.linalg.norm(scene.position(self.target) - ee_position) < self.TOUCH_DISTANCE)
+        return bool(np.linalg.norm(scene.position(self.target) - ee_position) < TOUCH_DISTANCE)
 
 
 class Pick(Task):
     name, max_steps = "pick", 60
-    templates = ("pick up the {colour} cube", "lift the {colour} cube",
-                 "grasp the {colour} cube and lift it", "raise the {colour} block")
+    templates = (
+        "pick up the {colour} cube",
+        "lift the {colour} cube",
+        "grasp the {colour} cube and lift it",
+        "raise the {colour} block",
+    )
     LIFT = 0.06
 
     def build(self, scene, rng, colours, shades):
@@ -84,8 +105,11 @@ class Pick(Task):
 
 class Push(Task):
     name, max_steps = "push", 80
-    templates = ("push the {colour} cube {place}", "slide the {colour} cube {place}",
-                 "nudge the {colour} block {place}")
+    templates = (
+        "push the {colour} cube {place}",
+        "slide the {colour} cube {place}",
+        "nudge the {colour} block {place}",
+    )
     GOAL_TOLERANCE = 0.04
 
     def build(self, scene, rng, colours, shades):
@@ -106,11 +130,15 @@ class Push(Task):
     @staticmethod
     def _clear(goal, behind, others) -> bool:
         inside = np.all(goal >= [0.32, -0.3]) and np.all(goal <= [0.74, 0.3]) and behind[0] > 0.3
-        return bool(inside and all(np.linalg.norm(o - goal) > 0.09 and np.linalg.norm(o - behind) > 0.08 for o in others))
+        return bool(
+            inside and all(np.linalg.norm(o - goal) > 0.09 and np.linalg.norm(o - behind) > 0.08 for o in others)
+        )
 
     @staticmethod
     def _add_goal_marker(scene: Scene, goal) -> None:
-        vis = p.createVisualShape(p.GEOM_CYLINDER, radius=0.03, length=0.001, rgbaColor=(0.95, 0.95, 0.95, 1), physicsClientId=scene.client)
+        vis = p.createVisualShape(
+            p.GEOM_CYLINDER, radius=0.03, length=0.001, rgbaColor=(0.95, 0.95, 0.95, 1), physicsClientId=scene.client
+        )
         p.createMultiBody(0, -1, vis, basePosition=(goal[0], goal[1], 0.0005), physicsClientId=scene.client)
 
     def success(self, scene, ee_position, gripper_body):
@@ -119,13 +147,18 @@ class Push(Task):
 
 class Place(Task):
     name, max_steps = "place", 100
-    templates = ("put the {colour} cube in the {bin_colour} bin", "place the {colour} cube into the {bin_colour} bin",
-                 "drop the {colour} block in the {bin_colour} box")
+    templates = (
+        "put the {colour} cube in the {bin_colour} bin",
+        "place the {colour} cube into the {bin_colour} bin",
+        "drop the {colour} block in the {bin_colour} box",
+    )
 
     def build(self, scene, rng, colours, shades):
         positions = sample_positions(rng, 5, 0.13, *PLACE_REGION)
         bin_colours = rng.choice(len(colours), size=2, replace=False)
-        bins = [scene.add_bin(colours[i], shade(rng, colours[i], shades), xy) for i, xy in zip(bin_colours, positions[:2])]
+        bins = [
+            scene.add_bin(colours[i], shade(rng, colours[i], shades), xy) for i, xy in zip(bin_colours, positions[:2])
+        ]
         self.target = _cubes(scene, rng, colours, shades, positions[2:])[0]
         self.bin = bins[0]
         return self.phrase(rng, colour=self.target.colour, bin_colour=self.bin.colour)
@@ -143,3 +176,23 @@ def make_task(name: str) -> Task:
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
     return TASKS[name]()
+
+
+# Values of the fields of the task templates.
+TEMPLATE_FIELDS = {
+    "colour": list(COLOURS),
+    "bin_colour": list(COLOURS),
+    "shape": list(SHAPES),
+    "place": [phrase for _, phrases in PUSH_DIRECTIONS.values() for phrase in phrases],
+}
+
+
+def instruction_corpus() -> list[str]:
+    """Every instruction the task templates can produce (a text tokenizer's training corpus)."""
+    corpus = []
+    for task in TASKS.values():
+        for template in task.templates:
+            fields = [name for _, name, _, _ in string.Formatter().parse(template) if name]
+            for values in itertools.product(*(TEMPLATE_FIELDS[f] for f in fields)):
+                corpus.append(template.format(**dict(zip(fields, values))))
+    return corpus

@@ -6,21 +6,19 @@ import argparse
 import importlib
 import sys
 
+from vla.apps import JobError
+
 # name -> (module with add_arguments(parser) and run(args), one-line help)
 COMMANDS = {
-    "demo": ("vla.demo", "run the shipped checkpoint closed-loop in sim (success table + video)"),
-    "sim": ("vla.rollout", "run a policy (expert, random, replay, a checkpoint) in sim for N episodes"),
-    "collect": ("vla.episodes.collect", "record sim episodes as rosbag2 (MCAP) directories"),
-    "dataset": ("vla.episodes.inspect", "info | stats | video | plot of a recorded dataset"),
-    "replay": ("vla.episodes.replay", "re-execute a recorded episode in sim and report divergence"),
-    "train": ("vla.train", "train a VLA policy from a YAML recipe"),
-    "eval": ("vla.evaluate", "closed-loop evaluation of a checkpoint on held-out seeds"),
-    "export": ("vla.runtime.export", "export a checkpoint to ONNX and validate it"),
+    "demo": ("vla.apps.demo", "run the shipped checkpoint closed-loop in sim (success table + video)"),
+    "sim": ("vla.apps.rollout", "run a policy (expert, random, a checkpoint) in sim for N episodes"),
+    "collect": ("vla.apps.collect", "record sim episodes as rosbag2 (MCAP) directories"),
+    "dataset": ("vla.apps.dataset", "info | stats | video | plot of a recorded dataset"),
+    "replay": ("vla.apps.replay", "re-execute a recorded episode in sim and report divergence"),
+    "train": ("vla.apps.train", "train a VLA policy from a YAML recipe"),
+    "eval": ("vla.apps.evaluate", "closed-loop evaluation of a checkpoint on held-out seeds"),
+    "export": ("vla.apps.export", "export a checkpoint to ONNX and validate it"),
 }
-
-
-class CLIError(Exception):
-    """A user-facing error: printed without a traceback, exit code 2."""
 
 
 def build_parser(command: str) -> argparse.ArgumentParser:
@@ -49,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(command).parse_args(rest)
     try:
         result = importlib.import_module(COMMANDS[command][0]).run(args)
-    except (CLIError, ValueError, FileNotFoundError) as exc:
+    except (JobError, ValueError, FileNotFoundError) as exc:  # the user's to fix: one line, no traceback
         print(f"vla {command}: error: {exc}", file=sys.stderr)
         return 2
     return int(result or 0)

@@ -50,7 +50,7 @@ def _convert(hint, value, where: str):
         return origin(_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if hint in (int, float, str, bool) and not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+    if (hint in (int, float, str, bool) and not isinstance(value, hint)) or (hint is int and isinstance(value, bool)):
         raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
     return value
 
@@ -67,6 +67,36 @@ def read_yaml(path: str | Path) -> dict:
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys, got {type(values).__name__}")
     return values
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """`values` (a nested mapping, changed in place) with `key.sub=value` overrides, each value
+    parsed as YAML ("3e-4" -> 0.0003, "[a, b]" -> a list; anything unparsable stays a string)."""
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override expects key=value, got {override!r}")
+        *parents, leaf = key.split(".")
+        node = values
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key}: {part!r} is not a section")
+        node[leaf] = _parse_value(text)
+    return values
+
+
+def _parse_value(text: str):
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:  # e.g. a prompt "{instruction} <image>": a plain string
+        return text
+    if isinstance(value, str):  # YAML reads "1e-3" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def to_dict(config) -> dict:

@@ -1,20 +1,21 @@
-"""Checkpoints: a directory like Hugging Face's save_pretrained.
+"""Checkpoints: a directory like Hugging Face's save_pretrained, holding a model and its processor.
 
-    config.json        format + version, ModelConfig, normalisation statistics (action quantiles,
-                       state and IMU mean/std), the LM's transformers config, tokenizer facts,
-                       library versions, and whatever the trainer adds (its config, the step)
+    config.json        format + version, ModelConfig, the dataset's statistics (action quantiles,
+                       state and IMU mean/std), the LM's transformers config, tokenizer facts, the
+                       weights' sha256, library versions, and whatever the trainer adds (its
+                       config, the step)
     model.safetensors  all weights (safetensors: loading never unpickles code)
     tokenizer.json     the text tokenizer (+ tokenizer_config.json), PreTrainedTokenizerFast
 
 The checkpoint is self-contained: a pretrained backbone is rebuilt from the saved LM config, not
-from its original directory. Loading checks each file and fails with CheckpointError naming the
-file and the problem.
+from its original directory. A checkpoint directory appears only once complete. Loading checks
+every file (the config's types and bounds, the statistics, the weights' checksum and shapes) and
+fails with CheckpointError naming the file and the problem.
 """
 from __future__ import annotations
 
+import hashlib
 import json
-import os
-import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -26,15 +27,18 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import vla
-from sim.contracts import ACTION_DIM, IMU_CHANNELS
 from vla.config import ConfigError, from_dict, to_dict
+from vla.contracts.action import ACTION_DIM, ACTION_HIGH, ACTION_LOW
+from vla.contracts.observation import IMU_CHANNELS, IMU_LIMITS, STATE_LIMIT
+from vla.files import atomic_directory
 from vla.model.config import ModelConfig
-from vla.model.model import VLAModel
+from vla.model.model import VLAModel, build_lm, load_backbone
+from vla.model.processor import Processor
+from vla.model.text import TokenIds, build_tokenizer
 
 FORMAT, FORMAT_VERSION = "vla-checkpoint", 1
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
-STATS_SHAPES = {("action", "q01"): ACTION_DIM, ("action", "q99"): ACTION_DIM,
-                ("state", "mean"): None, ("state", "std"): None, ("imu", "mean"): IMU_CHANNELS, ("imu", "std"): IMU_CHANNELS}
+MAX_ERROR_CHARS = 300  # values quoted in errors are cut to this
 
 
 class CheckpointError(ValueError):
@@ -46,27 +50,46 @@ def versions() -> dict[str, str]:
             "safetensors": safetensors.__version__}
 
 
-def save_checkpoint(model: VLAModel, path: str | Path, extra: dict | None = None) -> Path:
-    """Write the checkpoint directory (replacing one already there). It is written beside `path`
-    first and then renamed, so an interrupted save never leaves a half-written checkpoint."""
+def create(config: ModelConfig, stats: dict, corpus: list[str]) -> tuple[VLAModel, Processor]:
+    """A new, untrained model and its processor: a from-scratch LM with a BPE tokenizer trained on
+    the instruction `corpus`, or the pretrained backbone of `config.pretrained` and its tokenizer."""
+    if config.pretrained:
+        tokenizer, lm = load_backbone(config)
+    else:
+        tokenizer = build_tokenizer(corpus, config.text_vocab_size)
+        lm = build_lm(config, len(tokenizer) + config.action_bins, tokenizer.pad_token_id)
+    processor = Processor(config, stats, tokenizer)
+    return VLAModel(config, stats, processor.ids, lm), processor
+
+
+def save_checkpoint(path: str | Path, model: VLAModel, processor: Processor, extra: dict | None = None,
+                    also=None) -> Path:
+    """Write the checkpoint directory (replacing one already there, which stays intact until the new
+    one is complete). `also(directory)` may add files (a trainer's state) before it appears."""
     path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    model.tokenizer.save_pretrained(partial)
-    # save_model drops the duplicate names of tied weights, which safetensors cannot store twice.
-    safetensors.torch.save_model(model, str(partial / WEIGHTS_FILE), metadata={"format": FORMAT})
-    meta = {
-        "format": FORMAT, "format_version": FORMAT_VERSION,
-        "model": to_dict(model.config), "stats": model.stats, "lm_config": model.lm.config.to_dict(),
-        "tokenizer": {"text_vocab_size": model.action_offset, "action_token_offset": model.action_offset},
-        "versions": versions(), **(extra or {}),
-    }
-    (partial / CONFIG_FILE).write_text(json.dumps(meta, indent=1, default=_jsonable))
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(partial, path)
+    with atomic_directory(path) as staging:
+        processor.tokenizer.save_pretrained(staging)
+        # save_model drops the duplicate names of tied weights, which safetensors cannot store twice.
+        safetensors.torch.save_model(model, str(staging / WEIGHTS_FILE), metadata={"format": FORMAT})
+        meta = {
+            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "model": to_dict(model.config), "stats": processor.stats, "lm_config": model.lm.config.to_dict(),
+            "tokenizer": {"text_vocab_size": model.action_offset, "action_token_offset": model.action_offset},
+            "weights_sha256": weights_sha256(staging), "versions": versions(), **(extra or {}),
+        }
+        (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=1, default=_jsonable))
+        if also is not None:
+            also(staging)
     return path
+
+
+def weights_sha256(checkpoint: str | Path) -> str:
+    """sha256 of a checkpoint's weights file (also what ties an ONNX export to its checkpoint)."""
+    digest = hashlib.sha256()
+    with open(Path(checkpoint) / WEIGHTS_FILE, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _jsonable(value):
@@ -75,6 +98,11 @@ def _jsonable(value):
     if isinstance(value, torch.dtype):
         return str(value).removeprefix("torch.")
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _quote(value) -> str:
+    text = repr(value)
+    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS] + "..."
 
 
 def read_meta(path: str | Path) -> dict:
@@ -88,11 +116,13 @@ def read_meta(path: str | Path) -> dict:
     try:
         meta = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{file}: not valid JSON ({exc})") from exc
+        raise CheckpointError(f"{file}: not valid JSON ({exc})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{file}: not a VLA checkpoint (format {meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r})")
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{file}: not a VLA checkpoint (format {_quote(found)}, expected {FORMAT!r})")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{file}: checkpoint format version {meta.get('format_version')!r}; this code reads version {FORMAT_VERSION}")
+        raise CheckpointError(f"{file}: checkpoint format version {_quote(meta.get('format_version'))}; "
+                              f"this code reads version {FORMAT_VERSION}")
     for key in ("model", "stats", "lm_config", "tokenizer"):
         if not isinstance(meta.get(key), dict):
             raise CheckpointError(f"{file}: missing section {key!r}")
@@ -101,37 +131,42 @@ def read_meta(path: str | Path) -> dict:
 
 def trained_tasks(path: str | Path) -> list[str]:
     """The tasks a checkpoint was trained on (recorded by `vla train`), without loading the model."""
-    return list(read_meta(path).get("training", {}).get("data", {}).get("tasks") or ["reach"])
+    training = read_meta(path).get("training")
+    data = training.get("data") if isinstance(training, dict) else None
+    tasks = data.get("tasks") if isinstance(data, dict) else None
+    return [str(t) for t in tasks] if isinstance(tasks, list) and tasks else ["reach"]
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> VLAModel:
-    """The model of a checkpoint directory, on `device`, in eval mode."""
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[VLAModel, Processor]:
+    """The model (on `device`, in eval mode) and processor of a checkpoint directory."""
     path = Path(path)
     meta = read_meta(path)
     config_file = path / CONFIG_FILE
     try:
         config = from_dict(ModelConfig, meta["model"], f"{config_file}: model")
     except ConfigError as exc:
-        raise CheckpointError(str(exc)) from exc
+        raise CheckpointError(str(exc)[:MAX_ERROR_CHARS * 2]) from None
     stats = _check_stats(meta["stats"], config, config_file)
     tokenizer = _load_tokenizer(path, meta)
     lm_config = dict(meta["lm_config"])
     try:
         lm_config = AutoConfig.for_model(lm_config.pop("model_type"), **lm_config)
         _check_lm_config(config, lm_config, config_file)
-        model = VLAModel(config, stats, tokenizer, AutoModelForCausalLM.from_config(lm_config))
-    except (KeyError, ValueError) as exc:
-        raise CheckpointError(f"{config_file}: cannot build the model: {exc}") from exc
-    _load_weights(model, path / WEIGHTS_FILE)
-    return model.to(device).eval()
+        processor = Processor(config, stats, tokenizer)
+        model = VLAModel(config, stats, TokenIds.of(tokenizer, config), AutoModelForCausalLM.from_config(lm_config))
+    except (KeyError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{config_file}: cannot build the model: {_quote(str(exc))}") from None
+    _load_weights(model, path, meta.get("weights_sha256"))
+    return model.to(device).eval(), processor
 
 
 def _check_lm_config(config: ModelConfig, lm_config, file: Path) -> None:
     """A from-scratch LM was built from the model section: both must still agree."""
     if config.pretrained:
         return
-    pairs = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads"}
-    differ = [f"model.{ours}={getattr(config, ours)} but lm_config.{theirs}={getattr(lm_config, theirs, None)}"
+    pairs = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+             "intermediate_size": "intermediate_size"}
+    differ = [f"model.{ours}={getattr(config, ours)} but lm_config.{theirs}={_quote(getattr(lm_config, theirs, None))}"
               for ours, theirs in pairs.items() if getattr(config, ours) != getattr(lm_config, theirs, None)]
     if config.lm_type != lm_config.model_type:
         differ.append(f"model.lm_type={config.lm_type} but lm_config is {lm_config.model_type}")
@@ -139,12 +174,30 @@ def _check_lm_config(config: ModelConfig, lm_config, file: Path) -> None:
         raise CheckpointError(f"{file}: the model section does not match the LM config ({'; '.join(differ)})")
 
 
+# What the statistics may hold: (group, key) -> (channels, largest magnitude, must be positive).
+# Recorded actions are clipped to the limits, so their quantiles lie within them.
+_STATS = {("action", "q01"): (ACTION_DIM, None, False), ("action", "q99"): (ACTION_DIM, None, False),
+          ("state", "mean"): (None, STATE_LIMIT, False), ("state", "std"): (None, STATE_LIMIT, True),
+          ("imu", "mean"): (IMU_CHANNELS, IMU_LIMITS, False), ("imu", "std"): (IMU_CHANNELS, IMU_LIMITS, True)}
+
+
 def _check_stats(stats: dict, config: ModelConfig, file: Path) -> dict:
-    for (group, key), size in STATS_SHAPES.items():
+    for (group, key), (size, limit, positive) in _STATS.items():
         size = size or config.state_dim
-        value = stats.get(group, {}).get(key)
-        if value is None or np.shape(value) != (size,) or not np.all(np.isfinite(value)):
-            raise CheckpointError(f"{file}: stats.{group}.{key} must be {size} finite numbers, got {value!r}")
+        section = stats.get(group)
+        value = section.get(key) if isinstance(section, dict) else None
+        where = f"{file}: stats.{group}.{key}"
+        try:
+            array = np.asarray(value, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise CheckpointError(f"{where} must be {size} numbers, got {_quote(value)}") from None
+        if array.shape != (size,) or not np.all(np.isfinite(array)):
+            raise CheckpointError(f"{where} must be {size} finite numbers, got {_quote(value)}")
+        low, high = (ACTION_LOW, ACTION_HIGH) if group == "action" else (-limit, limit)
+        if np.any(array < low - 1e-6) or np.any(array > high + 1e-6) or (positive and np.any(array < 0)):
+            raise CheckpointError(f"{where} is outside what the data can hold ({_quote(array.tolist())})")
+    if np.any(np.asarray(stats["action"]["q99"]) < np.asarray(stats["action"]["q01"])):
+        raise CheckpointError(f"{file}: stats.action.q99 is below q01")
     return stats
 
 
@@ -154,33 +207,45 @@ def _load_tokenizer(path: Path, meta: dict):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as exc:  # tokenizers raises bare Exceptions on malformed JSON
-        raise CheckpointError(f"{path / TOKENIZER_FILE}: cannot load the tokenizer: {exc}") from exc
+        raise CheckpointError(f"{path / TOKENIZER_FILE}: cannot load the tokenizer: {_quote(str(exc))}") from None
     expected = meta["tokenizer"].get("text_vocab_size")
     if len(tokenizer) != expected:
-        raise CheckpointError(f"{path / TOKENIZER_FILE}: {len(tokenizer)} tokens, but config.json says {expected}")
+        raise CheckpointError(
+            f"{path / TOKENIZER_FILE}: {len(tokenizer)} tokens, but config.json says {_quote(expected)}"
+        )
     return tokenizer
 
 
-def _load_weights(model: VLAModel, file: Path) -> None:
+def _load_weights(model: VLAModel, path: Path, sha256: str | None) -> None:
+    file = path / WEIGHTS_FILE
     if not file.is_file():
         raise CheckpointError(f"{file}: missing (the weights)")
+    if sha256 is not None and weights_sha256(path) != sha256:  # checkpoints before the checksum have none
+        raise CheckpointError(f"{file}: the weights do not match the checksum in config.json (damaged or replaced)")
     try:
         with safetensors.safe_open(str(file), "pt") as f:
-            shapes = {name: list(f.get_slice(name).get_shape()) for name in f.keys()}
+            shapes = {name: list(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118 (a safe_open handle, not a dict)
     except (safetensors.SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{file}: not a readable safetensors file (truncated or corrupt?): {exc}") from exc
+        raise CheckpointError(
+            f"{file}: not a readable safetensors file (truncated or corrupt?): {_quote(str(exc))}"
+        ) from None
     expected = model.state_dict()
     tied = defaultdict(list)  # tied weights share storage and are stored under one of their names
     for name, tensor in expected.items():
         tied[(tensor.data_ptr(), tuple(tensor.shape))].append(name)
     problems = [f"missing {names[0]}" for names in tied.values() if not any(n in shapes for n in names)]
     problems += [f"unexpected {name}" for name in shapes if name not in expected]
-    problems += [f"{name} has shape {shape}, the model expects {list(expected[name].shape)}"
-                 for name, shape in shapes.items() if name in expected and shape != list(expected[name].shape)]
+    problems += [
+        f"{name} has shape {shape}, the model expects {list(expected[name].shape)}"
+        for name, shape in shapes.items()
+        if name in expected and shape != list(expected[name].shape)
+    ]
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise CheckpointError(f"{file}: does not match config.json ({shown})")
     try:
         safetensors.torch.load_model(model, str(file), strict=True)
     except (safetensors.SafetensorError, RuntimeError, OSError) as exc:
-        raise CheckpointError(f"{file}: cannot load the weights: {exc}") from exc
+        raise CheckpointError(f"{file}: cannot load the weights: {_quote(str(exc))}") from None
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise CheckpointError(f"{file}: the weights contain NaN or inf")

@@ -4,10 +4,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from sim.contracts import ACTION_DIM, STATE_DIM
+from vla.contracts.action import ACTION_DIM
+from vla.contracts.observation import IMAGE_SIZE, IMU_WINDOW, STATE_DIM, ObservationSpec
 
 DECODERS = ("parallel", "autoregressive")
 VISION_ENCODERS = ("cnn", "vit", "keypoints")
+# Upper bounds catch a damaged or mistyped config before it asks for terabytes.
+SIZE_LIMITS = {"image_size": 1024, "state_dim": 1024, "imu_window": 1000, "max_text_tokens": 512, "patch_size": 256,
+               "keypoints": 1024, "vision_width": 8192, "vision_layers": 64, "hidden_size": 16384, "num_layers": 256,
+               "num_heads": 256, "intermediate_size": 65536, "text_vocab_size": 1 << 20, "chunk": 256}
 # Placeholders of the multimodal sentence; each is replaced by its sensor's projected tokens.
 SENSOR_PLACEHOLDERS = {"image": "<image>", "wrist_image": "<wrist_image>", "state": "<state>", "imu": "<imu>"}
 
@@ -15,10 +20,10 @@ SENSOR_PLACEHOLDERS = {"image": "<image>", "wrist_image": "<wrist_image>", "stat
 @dataclass
 class ModelConfig:
     # ---- inputs ----
-    image_size: int = 96  # square camera images are resized to this
+    image_size: int = IMAGE_SIZE  # square camera images are resized to this
     wrist_camera: bool = False  # needs <wrist_image> in the prompt
     state_dim: int = STATE_DIM
-    imu_window: int = 12
+    imu_window: int = IMU_WINDOW
     # PaLM-E multimodal sentence. "<image>" etc. are replaced by sensor tokens, "{instruction}" by
     # the instruction's text tokens; an action-start token is appended. The model reads only the
     # sensors named here (<image> is required; <state>, <imu>, <wrist_image> are optional).
@@ -50,25 +55,36 @@ class ModelConfig:
     decoders: tuple[str, ...] = ("parallel",)  # trained decoders; the first is the default at inference
 
     def __post_init__(self):
-        for name in ("image_size", "state_dim", "imu_window", "max_text_tokens", "patch_size", "keypoints", "vision_width",
-                     "hidden_size", "num_layers", "num_heads", "intermediate_size", "chunk"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+        for name, most in SIZE_LIMITS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= most:
+                raise ValueError(f"ModelConfig.{name} must be an integer in 1..{most}, got {value!r}")
+        ObservationSpec(self.image_size, self.imu_window, self.wrist_camera)  # the observation contract's bounds
         if self.vision not in VISION_ENCODERS:
             raise ValueError(f"ModelConfig.vision must be one of {VISION_ENCODERS}, got {self.vision!r}")
         if self.image_size % self.patch_size:
-            raise ValueError(f"ModelConfig.image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
+            raise ValueError(
+                f"ModelConfig.image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})"
+            )
         if self.vision == "cnn" and self.patch_size & (self.patch_size - 1):
-            raise ValueError(f"the cnn encoder halves the image per layer: patch_size must be a power of 2, got {self.patch_size}")
+            raise ValueError(
+                f"the cnn encoder halves the image per layer: patch_size must be a power of 2, got {self.patch_size}"
+            )
         if self.vision_film and self.vision == "vit":
             raise ValueError("ModelConfig.vision_film needs a convolutional encoder (vision: cnn or keypoints)")
         if not 2 <= self.action_bins <= 4096:
             raise ValueError(f"ModelConfig.action_bins must be in 2..4096, got {self.action_bins}")
         self.decoders = tuple(self.decoders)
-        if not self.decoders or any(d not in DECODERS for d in self.decoders) or len(set(self.decoders)) < len(self.decoders):
+        if (
+            not self.decoders
+            or any(d not in DECODERS for d in self.decoders)
+            or len(set(self.decoders)) < len(self.decoders)
+        ):
             raise ValueError(f"ModelConfig.decoders must be distinct names from {DECODERS}, got {list(self.decoders)}")
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"ModelConfig.hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+            raise ValueError(
+                f"ModelConfig.hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+            )
         self.validate_prompt()
 
     def validate_prompt(self) -> None:
@@ -76,12 +92,24 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.prompt must contain '{{instruction}}' once: {self.prompt!r}")
         unknown = set(re.findall(r"<[a-z_]+>", self.prompt)) - set(SENSOR_PLACEHOLDERS.values())
         if unknown:
-            raise ValueError(f"ModelConfig.prompt: unknown placeholder(s) {sorted(unknown)}; known: {list(SENSOR_PLACEHOLDERS.values())}")
+            raise ValueError(
+                f"ModelConfig.prompt: unknown placeholder(s) {sorted(unknown)}; "
+                f"known: {list(SENSOR_PLACEHOLDERS.values())}"
+            )
         repeated = [p for p in SENSOR_PLACEHOLDERS.values() if self.prompt.count(p) > 1]
         if repeated or "image" not in self.sensors:
-            raise ValueError(f"ModelConfig.prompt must contain <image> once and each other placeholder at most once: {self.prompt!r}")
+            raise ValueError(
+                f"ModelConfig.prompt must contain <image> once and each other placeholder at most once: {self.prompt!r}"
+            )
         if self.wrist_camera != ("wrist_image" in self.sensors):
-            raise ValueError(f"ModelConfig.prompt must contain <wrist_image> exactly when wrist_camera is true: {self.prompt!r}")
+            raise ValueError(
+                f"ModelConfig.prompt must contain <wrist_image> exactly when wrist_camera is true: {self.prompt!r}"
+            )
+
+    @property
+    def spec(self) -> ObservationSpec:
+        """The observations the model takes."""
+        return ObservationSpec(self.image_size, self.imu_window, self.wrist_camera)
 
     @property
     def sensors(self) -> tuple[str, ...]:

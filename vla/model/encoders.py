@@ -2,6 +2,7 @@
 patch tokens, proprioceptive state -> one token, IMU window -> one token."""
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -37,24 +38,32 @@ class ImageEncoder(nn.Module):
         super().__init__()
         self.vision, width = config.vision, config.vision_width
         axis = torch.linspace(-1.0, 1.0, config.image_size)
-        self.register_buffer("coordinates", torch.stack(torch.meshgrid(axis, axis, indexing="ij"))[None], persistent=False)
+        self.register_buffer(
+            "coordinates", torch.stack(torch.meshgrid(axis, axis, indexing="ij"))[None], persistent=False
+        )
         if config.vision == "cnn":
             n = int(math.log2(config.patch_size))
             channels = [5] + [max(16, width >> (n - 1 - i)) for i in range(n)]
             self.convs = ConvStack(channels, hidden if config.vision_film else 0)
             self.head = nn.Conv2d(channels[-1], width, 1)
         elif config.vision == "keypoints":
-            self.convs = ConvStack([5, width // 2, width, width], hidden if config.vision_film else 0, strides=(2, 2, 1))
+            self.convs = ConvStack(
+                [5, width // 2, width, width], hidden if config.vision_film else 0, strides=(2, 2, 1)
+            )
             self.head = nn.Conv2d(width, config.keypoints, 1)
             self.keypoint = nn.Linear(3, width)
         else:
             self.convs = None
             self.head = nn.Conv2d(5, width, config.patch_size, stride=config.patch_size)
-            layer = nn.TransformerEncoderLayer(width, max(1, width // 32), 4 * width, dropout=0.0,
-                                               activation="gelu", batch_first=True, norm_first=True)
-            self.blocks = nn.Sequential(nn.TransformerEncoder(layer, config.vision_layers, enable_nested_tensor=False),
-                                        nn.LayerNorm(width))
-        self.position = nn.Parameter(torch.randn(config.image_tokens, width) * 0.02)  # patch position or keypoint identity
+            layer = nn.TransformerEncoderLayer(
+                width, max(1, width // 32), 4 * width, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+            )
+            self.blocks = nn.Sequential(
+                nn.TransformerEncoder(layer, config.vision_layers, enable_nested_tensor=False), nn.LayerNorm(width)
+            )
+        self.position = nn.Parameter(
+            torch.randn(config.image_tokens, width) * 0.02
+        )  # patch position or keypoint identity
         self.project = projector(width, hidden)
 
     def forward(self, image: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
@@ -75,7 +84,7 @@ class ConvStack(nn.Module):
 
     def __init__(self, channels: list[int], condition_size: int, strides: tuple[int, ...] | None = None):
         super().__init__()
-        pairs = list(zip(channels, channels[1:]))
+        pairs = list(itertools.pairwise(channels))
         strides = strides or (2,) * len(pairs)
         self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, stride=s, padding=1) for (a, b), s in zip(pairs, strides))
         self.norms = nn.ModuleList(nn.GroupNorm(8, b) for _, b in pairs)
@@ -113,7 +122,9 @@ class VectorEncoder(nn.Module):
         super().__init__()
         mean, std = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
         if mean.shape != (shape[-1],) or std.shape != (shape[-1],):
-            raise ValueError(f"normalisation statistics must have shape ({shape[-1]},), got {mean.shape} and {std.shape}")
+            raise ValueError(
+                f"normalisation statistics must have shape ({shape[-1]},), got {mean.shape} and {std.shape}"
+            )
         self.shape = tuple(shape)
         # Not persistent: the statistics live in config.json.
         self.register_buffer("mean", torch.from_numpy(mean), persistent=False)

@@ -8,41 +8,58 @@ The sequence, always the same length for a given config:
 Sensor tokens come from the encoders (encoders.py), text tokens from the LM's embedding table;
 the image encoder is also FiLM-conditioned on the instruction's mean text embedding (RT-1), which
 is what made grounding "the red cube" in the image learnable from a few thousand demonstrations.
-Padding sits between the prompt and <act> and is masked out; position ids skip it. Action bin b is the token id `action_offset + b`: reserved ids after the text vocabulary. The
-action positions are filled either with the previous action tokens (autoregressive decoder,
-teacher-forced in training, one token at a time with a KV cache at inference, as RT-2) or with
-k * 7 learned action-query embeddings (parallel decoder, one forward pass, as OpenVLA-OFT; the
-mask stays causal, which the LM supports natively). Logits are computed only over the action ids,
-which restricts decoding to actions.
+Padding sits between the prompt and <act> and is masked out; position ids skip it. Action bin b
+is the token id `action_offset + b`: reserved ids after the text vocabulary. The action positions
+are filled either with the previous action tokens (autoregressive decoder, teacher-forced in
+training, one token at a time with a KV cache at inference, as RT-2) or with k * 7 learned
+action-query embeddings (parallel decoder, one forward pass, as OpenVLA-OFT; the mask stays
+causal, which the LM supports natively). Logits are computed only over the action ids, which
+restricts decoding to actions.
 
-Reads top to bottom: construction, the prefix, the decoders, the training loss, inference.
+The model is tensors in, tensors out: turning observations into these tensors and bins into
+actions is the processor's job (processor.py), saved with the checkpoint beside the weights.
+
+Reads top to bottom: construction, the prefix, the decoders, the training loss, decoding.
 """
+
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase, StaticCache
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    DynamicCache,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    StaticCache,
+)
 
-from sim.contracts import ACTION_DIM, IMU_CHANNELS
-from vla.images import fit_image
-from vla.model.action_tokenizer import ActionTokenizer
+from vla.contracts.action import ACTION_DIM
+from vla.contracts.observation import IMU_CHANNELS
 from vla.model.config import ModelConfig
 from vla.model.encoders import ImageEncoder, VectorEncoder
-from vla.model.text_tokenizer import PromptEncoder, build_tokenizer, load_pretrained_tokenizer
+from vla.model.text import TokenIds, load_pretrained_tokenizer
 
 
 def build_lm(config: ModelConfig, vocab_size: int, pad_id: int) -> PreTrainedModel:
     """A small causal LM of type `config.lm_type`, randomly initialised."""
     positions = 1 << (config.prefix_length + config.action_tokens - 1).bit_length()
     lm_config = AutoConfig.for_model(
-        config.lm_type, vocab_size=vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads, intermediate_size=config.intermediate_size,
-        max_position_embeddings=positions, pad_token_id=pad_id, bos_token_id=None, eos_token_id=None)
+        config.lm_type,
+        vocab_size=vocab_size,
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        intermediate_size=config.intermediate_size,
+        max_position_embeddings=positions,
+        pad_token_id=pad_id,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
     return AutoModelForCausalLM.from_config(lm_config)
 
 
@@ -50,7 +67,10 @@ def load_backbone(config: ModelConfig) -> tuple[PreTrainedTokenizerBase, PreTrai
     """A pretrained causal LM and its tokenizer from a local directory; its embedding table grows
     by our special tokens and the action bins."""
     if not Path(config.pretrained, "config.json").is_file():
-        raise FileNotFoundError(f"pretrained backbone: no config.json in {config.pretrained!r} (a local directory saved with save_pretrained)")
+        raise FileNotFoundError(
+            f"pretrained backbone: no config.json in {config.pretrained!r} "
+            "(a local directory saved with save_pretrained)"
+        )
     tokenizer = load_pretrained_tokenizer(config.pretrained)
     lm = AutoModelForCausalLM.from_pretrained(config.pretrained, dtype=torch.float32)
     lm.resize_token_embeddings(len(tokenizer) + config.action_bins)
@@ -58,53 +78,56 @@ def load_backbone(config: ModelConfig) -> tuple[PreTrainedTokenizerBase, PreTrai
 
 
 class VLAModel(nn.Module):
-    def __init__(self, config: ModelConfig, stats: dict, tokenizer: PreTrainedTokenizerBase, lm: PreTrainedModel):
+    """`stats`: the state and IMU normalisation statistics (mean, std per channel); `ids`: the
+    special token ids of the tokenizer the model was built with."""
+
+    def __init__(self, config: ModelConfig, stats: dict, ids: TokenIds, lm: PreTrainedModel):
         super().__init__()
-        self.config, self.stats, self.tokenizer, self.lm = config, stats, tokenizer, lm
-        self.prompt = PromptEncoder(tokenizer, config)
-        self.action_offset = len(tokenizer)
+        self.config, self.ids, self.lm = config, ids, lm
+        self.action_offset = ids.action_offset
         vocab = lm.get_input_embeddings().num_embeddings
         if vocab != self.action_offset + config.action_bins:
-            raise ValueError(f"LM vocabulary has {vocab} ids; expected {self.action_offset} text tokens + {config.action_bins} action bins")
+            raise ValueError(
+                f"LM vocabulary has {vocab} ids; expected {self.action_offset} text tokens "
+                f"+ {config.action_bins} action bins"
+            )
         hidden = lm.get_input_embeddings().embedding_dim
-        self.action_tokenizer = ActionTokenizer.from_stats(stats["action"], config.action_bins)
         self.image_encoder = ImageEncoder(config, hidden)
         self.wrist_encoder = ImageEncoder(config, hidden) if "wrist_image" in config.sensors else None
-        self.state_encoder = (VectorEncoder((config.state_dim,), stats["state"]["mean"], stats["state"]["std"], hidden)
-                              if "state" in config.sensors else None)
-        self.imu_encoder = (VectorEncoder((config.imu_window, IMU_CHANNELS), stats["imu"]["mean"], stats["imu"]["std"], hidden)
-                            if "imu" in config.sensors else None)
+        self.state_encoder = (
+            VectorEncoder((config.state_dim,), stats["state"]["mean"], stats["state"]["std"], hidden)
+            if "state" in config.sensors
+            else None
+        )
+        self.imu_encoder = (
+            VectorEncoder((config.imu_window, IMU_CHANNELS), stats["imu"]["mean"], stats["imu"]["std"], hidden)
+            if "imu" in config.sensors
+            else None
+        )
         if "parallel" in config.decoders:
             self.action_queries = nn.Parameter(torch.randn(config.action_tokens, hidden) * 0.02)
 
-    @classmethod
-    def create(cls, config: ModelConfig, stats: dict) -> "VLAModel":
-        """A new model: a from-scratch LM and BPE tokenizer, or the pretrained backbone."""
-        if config.pretrained:
-            tokenizer, lm = load_backbone(config)
-        else:
-            tokenizer = build_tokenizer(config.text_vocab_size)
-            lm = build_lm(config, len(tokenizer) + config.action_bins, tokenizer.pad_token_id)
-        return cls(config, stats, tokenizer, lm)
-
     @property
     def device(self) -> torch.device:
-        return self.action_tokenizer.low.device
+        return next(self.parameters()).device
 
     # ---- the prefix: multimodal sentence -> embeddings ----------------------------------------
     def embed_prefix(self, image, state, imu, text_ids, text_mask, wrist_image=None):
         """-> (embeddings [B, L, D], attention mask [B, L], position ids [B, L])."""
         embeds = self.lm.get_input_embeddings()(text_ids)
         is_sensor = torch.zeros_like(text_mask)
-        for token_id in self.prompt.placeholder_ids.values():
+        for token_id in self.ids.placeholders.values():
             is_sensor = is_sensor | (text_ids == token_id)
         condition = None
         if self.config.vision_film:  # the instruction's summary: mean embedding of its text tokens
-            is_text = (text_mask & ~is_sensor & (text_ids != self.prompt.action_start_id)).unsqueeze(-1).to(embeds.dtype)
+            is_text = (text_mask & ~is_sensor & (text_ids != self.ids.action_start)).unsqueeze(-1).to(embeds.dtype)
             condition = (embeds * is_text).sum(1) / is_text.sum(1).clamp(min=1.0)
-        encoders = {"image": lambda: self.image_encoder(image, condition),
-                    "wrist_image": lambda: self.wrist_encoder(wrist_image, condition),
-                    "state": lambda: self.state_encoder(state), "imu": lambda: self.imu_encoder(imu)}
+        encoders = {
+            "image": lambda: self.image_encoder(image, condition),
+            "wrist_image": lambda: self.wrist_encoder(wrist_image, condition),
+            "state": lambda: self.state_encoder(state),
+            "imu": lambda: self.imu_encoder(imu),
+        }
         # Sensors the prompt does not name are ignored; the others in placeholder order.
         tokens = torch.cat([encoders[s]() for s in self.config.sensor_order], dim=1)
         # The i-th placeholder position of a row takes the i-th sensor token (gather, not boolean
@@ -116,9 +139,14 @@ class VLAModel(nn.Module):
         return embeds, text_mask, positions
 
     def _run_lm(self, embeds, mask, positions, cache=None):
-        out = self.lm.get_decoder()(inputs_embeds=embeds, attention_mask=mask.long(), position_ids=positions,
-                                    past_key_values=cache, use_cache=cache is not None)
-        return out.last_hidden_state, out.past_key_values
+        out = self.lm.get_decoder()(
+            inputs_embeds=embeds,
+            attention_mask=mask.long(),
+            position_ids=positions,
+            cache=cache,
+            use_cache=cache is not None,
+        )
+        return out.last_hidden_state, out.cache
 
     def _action_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head restricted to the action ids: [..., D] -> [..., bins]."""
@@ -131,26 +159,31 @@ class VLAModel(nn.Module):
         embeds, mask, positions = prefix
         n = extra.shape[1]
         new_positions = positions[:, -1:] + 1 + torch.arange(n, device=positions.device)
-        return (torch.cat([embeds, extra.to(embeds.dtype)], 1), torch.cat([mask, mask.new_ones(mask.shape[0], n)], 1),
-                torch.cat([positions, new_positions], 1))
+        return (
+            torch.cat([embeds, extra.to(embeds.dtype)], 1),
+            torch.cat([mask, mask.new_ones(mask.shape[0], n)], 1),
+            torch.cat([positions, new_positions], 1),
+        )
 
     # ---- the decoders ---------------------------------------------------------------------------
     def _parallel_logits(self, prefix) -> torch.Tensor:
         queries = self.action_queries.unsqueeze(0).expand(prefix[0].shape[0], -1, -1)
         hidden, _ = self._run_lm(*self._append(prefix, queries))
-        return self._action_logits(hidden[:, -self.config.action_tokens:])
+        return self._action_logits(hidden[:, -self.config.action_tokens :])
 
     def _teacher_forced_logits(self, prefix, bins: torch.Tensor) -> torch.Tensor:
         """Autoregressive training: position <act> predicts bin 0, action token i predicts bin i+1."""
         previous = self.lm.get_input_embeddings()(self.action_offset + bins[:, :-1])
         hidden, _ = self._run_lm(*self._append(prefix, previous))
-        return self._action_logits(hidden[:, -self.config.action_tokens:])
+        return self._action_logits(hidden[:, -self.config.action_tokens :])
 
     def forward_parallel(self, image, state, imu, text_ids, text_mask, wrist_image=None) -> torch.Tensor:
         """Pure tensor function: -> logits [B, k * 7, bins] of all action tokens in one pass."""
         return self._parallel_logits(self.embed_prefix(image, state, imu, text_ids, text_mask, wrist_image))
 
-    def generate_autoregressive(self, image, state, imu, text_ids, text_mask, wrist_image=None, cache=None) -> torch.Tensor:
+    def generate_autoregressive(
+        self, image, state, imu, text_ids, text_mask, wrist_image=None, cache=None
+    ) -> torch.Tensor:
         """Greedy RT-2 decoding: one pass over the prefix, then one token at a time with the KV
         cache (a fresh DynamicCache, or a preallocated StaticCache that is rewound and reused,
         which keeps every shape static for CUDA graphs). -> bins int64[B, k * 7]."""
@@ -174,62 +207,33 @@ class VLAModel(nn.Module):
         return torch.stack(bins, 1)
 
     # ---- training ---------------------------------------------------------------------------
-    def forward(self, image, state, imu, text_ids, text_mask, actions, action_mask, wrist_image=None) -> dict:
-        """Teacher-forced losses of the configured decoders. actions float[B, k, 7], action_mask
-        bool[B, k] (False past the end of an episode). -> dict of scalar tensors:
-        loss (their sum), loss_<decoder> and accuracy_<decoder> (of the argmax bins)."""
+    def forward(self, image, state, imu, text_ids, text_mask, action_bins, action_mask, wrist_image=None) -> dict:
+        """Teacher-forced losses of the configured decoders. action_bins int64[B, k, 7] (the target
+        action tokens), action_mask bool[B, k] (False past the end of an episode). -> dict of scalar
+        tensors: loss (their sum), loss_<decoder> and accuracy_<decoder> (of the argmax bins)."""
         prefix = self.embed_prefix(image, state, imu, text_ids, text_mask, wrist_image)
-        targets = self.action_tokenizer.encode(actions).flatten(1)  # [B, k * 7]
+        targets = action_bins.flatten(1)  # [B, k * 7]
         weights = action_mask.repeat_interleave(ACTION_DIM, dim=1).float()
         total = weights.sum().clamp(min=1.0)
         out = {}
         for decoder in self.config.decoders:
-            logits = self._parallel_logits(prefix) if decoder == "parallel" else self._teacher_forced_logits(prefix, targets)
+            logits = (
+                self._parallel_logits(prefix) if decoder == "parallel" else self._teacher_forced_logits(prefix, targets)
+            )
             losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
             out[f"loss_{decoder}"] = (losses * weights.flatten()).sum() / total
             out[f"accuracy_{decoder}"] = ((logits.argmax(-1) == targets).float() * weights).sum().detach() / total
         out["loss"] = sum(out[f"loss_{d}"] for d in self.config.decoders)
         return out
 
-    # ---- inference ---------------------------------------------------------------------------
-    def preprocess(self, observations: dict | list[dict]) -> dict[str, torch.Tensor]:
-        """Observations (sim.contracts) -> the tensors of the pure forward functions, on the model's
-        device. Images of another size are resized."""
-        if isinstance(observations, dict):
-            observations = [observations]
-        c = self.config
-        inputs = {"image": self._images(observations, "image")}
-        if c.wrist_camera:
-            inputs["wrist_image"] = self._images(observations, "wrist_image")
-        inputs["state"] = self._floats(observations, "state", (c.state_dim,))
-        inputs["imu"] = self._floats(observations, "imu", (c.imu_window, IMU_CHANNELS))
-        for obs in observations:
-            if not isinstance(obs.get("instruction"), str):
-                raise ValueError(f"observation 'instruction' must be a str, got {type(obs.get('instruction')).__name__}")
-        ids, mask = self.prompt.encode([obs["instruction"] for obs in observations])
-        inputs["text_ids"], inputs["text_mask"] = ids.to(self.device), mask.to(self.device)
-        return inputs
-
-    def _images(self, observations, key) -> torch.Tensor:
-        images = [np.asarray(obs[key]) if key in obs else None for obs in observations]
-        for image in images:
-            if image is None or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-                got = "nothing" if image is None else f"{image.dtype} {image.shape}"
-                raise ValueError(f"observation {key!r} must be uint8 [H, W, 3] RGB, got {got}")
-        return torch.from_numpy(np.stack([fit_image(image, self.config.image_size) for image in images])).to(self.device)
-
-    def _floats(self, observations, key, shape) -> torch.Tensor:
-        values = [np.asarray(obs.get(key), dtype=np.float32) for obs in observations]
-        for value in values:
-            if value.shape != shape:
-                raise ValueError(f"observation {key!r} must have shape {shape}, got {value.shape}")
-        return torch.from_numpy(np.stack(values)).to(self.device)
-
+    # ---- decoding ------------------------------------------------------------------------------
     def resolve_decoder(self, decoder: str | None) -> str:
         """`decoder`, or the model's first when None; ValueError for one the model was not trained with."""
         decoder = decoder or self.config.decoders[0]
         if decoder not in self.config.decoders:
-            raise ValueError(f"decoder {decoder!r} was not trained for this model (trained: {list(self.config.decoders)})")
+            raise ValueError(
+                f"decoder {decoder!r} was not trained for this model (trained: {list(self.config.decoders)})"
+            )
         return decoder
 
     def decode_bins(self, inputs: dict[str, torch.Tensor], decoder: str | None = None) -> torch.Tensor:
@@ -237,13 +241,3 @@ class VLAModel(nn.Module):
         if self.resolve_decoder(decoder) == "parallel":
             return self.forward_parallel(**inputs).argmax(-1)
         return self.generate_autoregressive(**inputs)
-
-    @torch.inference_mode()
-    def predict(self, observations: dict | list[dict], decoder: str | None = None) -> np.ndarray:
-        """Observations -> action chunks float32[B, k, 7] (call .eval() first)."""
-        inputs = self.preprocess(observations)
-        autocast = torch.autocast("cuda", torch.bfloat16) if self.device.type == "cuda" else nullcontext()
-        with autocast:
-            bins = self.decode_bins(inputs, decoder)
-        actions = self.action_tokenizer.decode(bins.view(-1, self.config.chunk, ACTION_DIM))
-        return actions.float().cpu().numpy()

@@ -11,36 +11,42 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sim.contracts import ACTION_DIM
 from vla.model.checkpoint import load_checkpoint
 from vla.model.model import VLAModel
+from vla.model.processor import Processor
 
 BACKENDS = ("torch", "onnx")
 
 
 class Runtime:
-    def __init__(self, model: VLAModel, decode, name: str):
-        self.model, self.decode, self.name = model, decode, name
-        self.chunk = model.config.chunk
+    """`decode(inputs) -> bins` runs the model (torch or onnxruntime); the processor turns
+    observations into its inputs and its bins into actions."""
+
+    def __init__(self, processor: Processor, decode, device: torch.device | str, name: str):
+        self.processor, self.decode, self.device, self.name = processor, decode, device, name
+        self.config = processor.config
+        self.chunk = processor.config.chunk
 
     def predict(self, observations: dict | list[dict]) -> np.ndarray:
-        """Observations (sim.contracts; images of any size) -> action chunks float32[B, k, 7]."""
-        inputs = self.model.preprocess(observations)
-        bins = self.decode(inputs).to(self.model.device)
-        actions = self.model.action_tokenizer.decode(bins.view(len(bins), self.chunk, ACTION_DIM))
-        return actions.cpu().numpy()
+        """Observations (vla.contracts; images of any size) -> action chunks float32[B, k, 7],
+        always inside the action limits. ValueError for an unusable observation."""
+        return self.processor.actions(self.decode(self.processor.inputs(observations, self.device)))
 
 
-def torch_runtime(model: VLAModel, decoder: str | None = None, cuda_graphs: bool = False) -> Runtime:
+def torch_runtime(
+    model: VLAModel, processor: Processor, decoder: str | None = None, cuda_graphs: bool = False
+) -> Runtime:
     """A runtime around a model already in memory (e.g. evaluation during training)."""
     from vla.runtime.torch_backend import CudaGraphDecoder, TorchDecoder
 
     decoder = model.resolve_decoder(decoder)
-    device = model.device.type
-    if device == "cuda" and cuda_graphs:
-        return Runtime(model, CudaGraphDecoder(model, decoder), f"torch cuda cuda-graph bf16, {decoder}")
-    precision = "bf16 autocast" if device == "cuda" else "fp32"
-    return Runtime(model.eval(), TorchDecoder(model, decoder), f"torch {device} eager {precision}, {decoder}")
+    device = model.device
+    if device.type == "cuda" and cuda_graphs:
+        return Runtime(processor, CudaGraphDecoder(model, decoder), device, f"torch cuda cuda-graph bf16, {decoder}")
+    precision = "bf16 autocast" if device.type == "cuda" else "fp32"
+    return Runtime(
+        processor, TorchDecoder(model.eval(), decoder), device, f"torch {device.type} eager {precision}, {decoder}"
+    )
 
 
 def resolve_device(device: str) -> str:
@@ -53,8 +59,15 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_runtime(checkpoint: str | Path, backend: str = "torch", device: str = "auto", decoder: str | None = None,
-                 onnx: str | Path | None = None, cuda_graphs: bool = True, threads: int = 0) -> Runtime:
+def load_runtime(
+    checkpoint: str | Path,
+    backend: str = "torch",
+    device: str = "auto",
+    decoder: str | None = None,
+    onnx: str | Path | None = None,
+    cuda_graphs: bool = True,
+    threads: int = 0,
+) -> Runtime:
     """`onnx` defaults to <checkpoint>/model.onnx (written by `vla export`). `threads`: intra-op
     threads for CPU inference, torch's (process-wide) or the onnxruntime session's; 0 keeps the
     backend's default. On a CPU shared with other busy processes, 1 avoids busy-waiting workers."""
@@ -68,11 +81,11 @@ def load_runtime(checkpoint: str | Path, backend: str = "torch", device: str = "
 
         if decoder not in (None, "parallel"):
             raise ValueError("the onnx backend runs the parallel decoder only (the exported graph)")
-        model = load_checkpoint(checkpoint, "cpu")  # preprocessing and action decoding only
+        model, processor = load_checkpoint(checkpoint, "cpu")  # for the export's metadata check only
         session = open_session(onnx or Path(checkpoint) / "model.onnx", model, checkpoint, device, threads)
         run = OnnxDecoder(session, model)
-        return Runtime(model, run, f"onnxruntime {run.provider}, parallel")
+        return Runtime(processor, run, "cpu", f"onnxruntime {run.provider}, parallel")
 
     if threads:
         torch.set_num_threads(threads)
-    return torch_runtime(load_checkpoint(checkpoint, device), decoder, cuda_graphs)
+    return torch_runtime(*load_checkpoint(checkpoint, device), decoder, cuda_graphs)

@@ -2,7 +2,6 @@
 graph), on the best execution provider installed: TensorRT, then CUDA, then CPU."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -11,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from vla.model.checkpoint import WEIGHTS_FILE
+from vla.model.checkpoint import weights_sha256
 from vla.model.model import VLAModel
 
 PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -22,18 +21,10 @@ class OnnxModelError(ValueError):
     pass
 
 
-def checkpoint_fingerprint(checkpoint: str | Path) -> str:
-    """sha256 of the checkpoint's weights: ties an ONNX file to the checkpoint it came from."""
-    digest = hashlib.sha256()
-    with open(Path(checkpoint) / WEIGHTS_FILE, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def export_metadata(model: VLAModel, checkpoint: str | Path) -> dict:
     c = model.config
-    return {"fingerprint": checkpoint_fingerprint(checkpoint), "prefix_length": c.prefix_length,
+    # the fingerprint ties the file to the checkpoint it came from
+    return {"fingerprint": weights_sha256(checkpoint), "prefix_length": c.prefix_length,
             "action_tokens": c.action_tokens, "action_bins": c.action_bins, "image_size": c.image_size,
             "wrist_camera": c.wrist_camera, "decoder": "parallel"}
 
@@ -58,7 +49,9 @@ def open_session(path: str | Path, model: VLAModel, checkpoint: str | Path, devi
     """An inference session for `path`, checked against the checkpoint it must come from."""
     path = Path(path)
     if not path.is_file():
-        raise OnnxModelError(f"{path}: no such ONNX file (export one with `vla export --checkpoint {checkpoint} --onnx {path}`)")
+        raise OnnxModelError(
+            f"{path}: no such ONNX file (export one with `vla export --checkpoint {checkpoint} --onnx {path}`)"
+        )
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or min(4, os.cpu_count() or 1)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -74,7 +67,9 @@ def open_session(path: str | Path, model: VLAModel, checkpoint: str | Path, devi
     wrong = {k: (found.get(k), v) for k, v in expected.items() if found.get(k) != v}
     if wrong:
         details = "; ".join(f"{k}: file has {a!r}, checkpoint has {b!r}" for k, (a, b) in wrong.items())
-        raise OnnxModelError(f"{path}: does not match checkpoint {checkpoint} ({details}); re-export it with `vla export`")
+        raise OnnxModelError(
+            f"{path}: does not match checkpoint {checkpoint} ({details}); re-export it with `vla export`"
+        )
     return session
 
 

@@ -7,6 +7,7 @@ writes all stay on the GPU, so nothing waits on the host between tokens.
 """
 from __future__ import annotations
 
+import copy
 from contextlib import nullcontext
 
 import torch
@@ -30,15 +31,17 @@ class TorchDecoder:
 
 
 class CudaGraphDecoder:
-    """One CUDA graph per batch size, captured on first use. Parameters are cast to bf16 (buffers
-    such as normalisation statistics stay fp32); matmuls run under bf16 autocast."""
+    """One CUDA graph per batch size, captured on first use, on a bf16 copy of the model (the
+    caller's stays as it is): parameters in bf16, buffers such as normalisation statistics fp32,
+    matmuls under bf16 autocast."""
 
     def __init__(self, model: VLAModel, decoder: str):
         if model.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
+        model = copy.deepcopy(model).eval()
         for parameter in model.parameters():
             parameter.data = parameter.data.to(torch.bfloat16)
-        self.model, self.decoder = model.eval(), decoder
+        self.model, self.decoder = model, decoder
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict, torch.Tensor]] = {}
 
     def _function(self, batch: int):

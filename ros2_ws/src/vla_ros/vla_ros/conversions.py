@@ -1,6 +1,6 @@
-"""ROS messages <-> the observation and action arrays of sim.contracts.
+"""ROS messages <-> the observation and action arrays of vla.contracts.
 
-Message layouts and field conversions are defined once in vla.episodes.topics (shared with the bag
+Message layouts and field conversions are defined once in vla.data.messages (shared with the bag
 writer and reader); this module adds what nodes facing real sensors need: strict validation (every
 problem is an InputError that the policy node holds on, never an exception that stops it),
 compressed images and resizing to the model's input.
@@ -15,8 +15,9 @@ from geometry_msgs.msg import TwistStamped
 from sensor_msgs.msg import CompressedImage, Image, Imu, JointState
 from std_msgs.msg import Float32MultiArray, Float64
 
-from sim.contracts import clip_action
-from vla.episodes import topics as T
+from vla.contracts.action import clip_action
+from vla.contracts.observation import IMU_CHANNELS, IMU_LIMITS, STATE_DIM, STATE_LIMIT, checked_reading
+from vla.data import messages as M
 from vla.images import fit_image
 
 
@@ -25,7 +26,7 @@ class InputError(ValueError):
 
 
 def fill(msg, fields: dict):
-    """Set `msg`'s fields from a nested dict as built by vla.episodes.topics.*_fields(); returns msg."""
+    """Set `msg`'s fields from a nested dict as built by vla.data.messages.*_fields(); returns msg."""
     types = msg.get_fields_and_field_types()
     for name, value in fields.items():
         if isinstance(value, dict):
@@ -47,19 +48,19 @@ def message_class(msgtype: str):
 
 
 def stamp_ns(msg) -> int:
-    return T.stamp_from_header(msg.header)
+    return M.stamp_from_header(msg.header)
 
 
 # ---- inputs of the policy ----------------------------------------------------------------------
 def image_input(msg: Image, size: int) -> np.ndarray:
-    """The model's image from a sensor_msgs/Image of any size in T.IMAGE_ENCODINGS."""
-    if msg.encoding.lower() not in T.IMAGE_ENCODINGS:
-        raise InputError(f"unsupported encoding {msg.encoding!r} (supported: {', '.join(T.IMAGE_ENCODINGS)})")
+    """The model's image from a sensor_msgs/Image of any size in M.IMAGE_ENCODINGS."""
+    if msg.encoding.lower() not in M.IMAGE_ENCODINGS:
+        raise InputError(f"unsupported encoding {msg.encoding!r} (supported: {', '.join(M.IMAGE_ENCODINGS)})")
     if msg.height == 0 or msg.width == 0 or len(msg.data) != msg.step * msg.height:
         raise InputError(f"inconsistent image: {msg.width}x{msg.height}, step {msg.step}, {len(msg.data)} bytes "
                          f"(expected step x height)")
     try:
-        return fit_image(T.image_from_msg(msg), size)
+        return fit_image(M.image_from_msg(msg), size)
     except ValueError as exc:  # step shorter than a row
         raise InputError(str(exc)) from None
 
@@ -77,39 +78,38 @@ def compressed_input(msg: CompressedImage, size: int) -> np.ndarray:
 
 
 def state_input(msg: JointState) -> np.ndarray:
-    """The observation `state` from /joint_states (Panda joints matched by name; others ignored)."""
+    """The observation `state` from /joint_states (Panda joints matched by name; others ignored),
+    checked as the model's processor checks it (finite, plausible)."""
     if len(msg.position) != len(msg.name):
         raise InputError(f"joint_states has {len(msg.name)} names but {len(msg.position)} positions")
     try:
-        with np.errstate(invalid="ignore"):  # NaN positions are reported below
-            state = T.state_from_msg(msg)
-    except ValueError as exc:  # missing joints
-        raise InputError(str(exc)) from None
-    if not np.all(np.isfinite(state)):
-        raise InputError("joint_states has NaN or inf positions")
-    return state
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf positions are reported below
+            state = M.state_from_msg(msg)
+        return checked_reading("state", state, (STATE_DIM,), STATE_LIMIT)
+    except ValueError as exc:  # missing joints, NaN, inf, implausible
+        raise InputError(f"joint_states: {exc}") from None
 
 
 def imu_input(msg: Imu) -> np.ndarray:
-    """One (ax, ay, az, gx, gy, gz) sample."""
-    sample = T.imu_sample_from_msg(msg)
-    if not np.all(np.isfinite(sample)):
-        raise InputError("IMU sample has NaN or inf values")
-    return sample
+    """One (ax, ay, az, gx, gy, gz) sample, finite and plausible."""
+    try:
+        return checked_reading("imu", M.imu_sample_from_msg(msg), (IMU_CHANNELS,), IMU_LIMITS)
+    except ValueError as exc:
+        raise InputError(f"IMU sample: {exc}") from None
 
 
 # ---- commands ------------------------------------------------------------------------------------
 def action_messages(action: np.ndarray, rate_hz: float, stamp: int, frame_id: str):
     """(raw action, gripper, twist) for a clamped action; twist = per-step delta * rate_hz."""
-    twist = fill(TwistStamped(), T.twist_fields(action, rate_hz, stamp))
+    twist = fill(TwistStamped(), M.twist_fields(action, rate_hz, stamp))
     twist.header.frame_id = frame_id
-    return fill(Float32MultiArray(), T.action_fields(action)), fill(Float64(), T.gripper_fields(action)), twist
+    return fill(Float32MultiArray(), M.action_fields(action)), fill(Float64(), M.gripper_fields(action)), twist
 
 
 def command_action(twist, gripper: float, rate_hz: float) -> np.ndarray:
     """The action a robot executes for a twist and gripper command, clamped to the limits; a
     non-finite command is an InputError."""
     try:
-        return clip_action(T.action_from_twist(twist, gripper, rate_hz))
+        return clip_action(M.action_from_twist(twist, gripper, rate_hz))
     except ValueError as exc:
         raise InputError(str(exc)) from None

@@ -26,9 +26,8 @@ from std_msgs.msg import Float32MultiArray, Float64, String
 from std_srvs.srv import SetBool
 
 from policies import CHECKPOINT_DIR, load_policy
-from sim.config import SimConfig
-from sim.contracts import clip_action
-from vla.episodes.topics import BASE_FRAME, TOPICS
+from vla.contracts.action import clip_action
+from vla.contracts.topics import BASE_FRAME, TOPICS
 from vla_ros import params, qos
 from vla_ros.conversions import action_messages, compressed_input, image_input, imu_input, stamp_ns, state_input
 from vla_ros.inputs import WRIST, Inputs
@@ -39,18 +38,30 @@ PARAMETERS = {
     "device": ("cpu", "cpu | cuda | cuda:N"),
     "backend": ("torch", "torch | onnx"),
     "seed": (0, "seed of the random policy"),
-    "cpu_threads": (0, "intra-op threads for CPU inference (torch or onnxruntime); 0: the backend's default "
-                       "(one per core). On a CPU shared with other nodes, 1 avoids oversubscription (busy-waiting threads)"),
+    "cpu_threads": (
+        0,
+        "intra-op threads for CPU inference (torch or onnxruntime); 0: the backend's default "
+        "(one per core). On a CPU shared with other nodes, 1 avoids oversubscription (busy-waiting threads)",
+    ),
     "control_rate_hz": (10.0, "control rate: the timer trigger's rate, the watchdog's rate, missed-cycle accounting"),
-    "trigger": ("timer", "timer: act every control period on the newest inputs; image: act on each new camera "
-                         "frame as soon as joint states and IMU at least as new have arrived"),
+    "trigger": (
+        "timer",
+        "timer: act every control period on the newest inputs; image: act on each new camera "
+        "frame as soon as joint states and IMU at least as new have arrived",
+    ),
     "action_rate_hz": (10.0, "rate the policy's per-step deltas were trained at: twist = delta * action_rate_hz"),
     "max_input_age": (0.0, "hold when an input is older than this [s]; 0: two control periods"),
-    "image_transport": ("raw", "raw: sensor_msgs/Image on camera_topic; "
-                               "compressed: sensor_msgs/CompressedImage (jpeg/png) on camera_topic + '/compressed'"),
+    "image_transport": (
+        "raw",
+        "raw: sensor_msgs/Image on camera_topic; "
+        "compressed: sensor_msgs/CompressedImage (jpeg/png) on camera_topic + '/compressed'",
+    ),
     "frame_id": (BASE_FRAME, "frame of the twist (the robot base)"),
-    "autostart": ("active", "lifecycle state to reach at start: active (configure and activate), inactive "
-                            "(configure: load the model, then wait for activate), or unconfigured"),
+    "autostart": (
+        "active",
+        "lifecycle state to reach at start: active (configure and activate), inactive "
+        "(configure: load the model, then wait for activate), or unconfigured",
+    ),
     "diagnostics_period": (1.0, "seconds between /diagnostics messages"),
     "camera_topic": (TOPICS["image"], "camera input"),
     "wrist_camera_topic": (TOPICS["wrist_image"], "wrist camera input, subscribed when the model takes a wrist image"),
@@ -71,19 +82,16 @@ def check(cfg) -> None:
             raise ValueError(f"parameter {name}={getattr(cfg, name)!r}: use one of {allowed}")
     if cfg.device != "cpu" and not cfg.device.startswith("cuda"):
         raise ValueError(f"parameter device={cfg.device!r}: use cpu, cuda or cuda:N")
-    positive = {"control_rate_hz": cfg.control_rate_hz, "action_rate_hz": cfg.action_rate_hz,
-                "diagnostics_period": cfg.diagnostics_period}
+    positive = {
+        "control_rate_hz": cfg.control_rate_hz,
+        "action_rate_hz": cfg.action_rate_hz,
+        "diagnostics_period": cfg.diagnostics_period,
+    }
     for name, value in positive.items():
         if value <= 0:
             raise ValueError(f"parameter {name}={value} must be positive")
     if cfg.max_input_age < 0 or cfg.cpu_threads < 0:
         raise ValueError("parameters max_input_age and cpu_threads must be >= 0")
-
-
-def model_inputs(policy):
-    """What the policy's observations hold (image size, IMU window, wrist camera): the VLA model's
-    own; the simulator's defaults for a policy without a model (random)."""
-    return getattr(policy, "model_config", None) or SimConfig()
 
 
 def resolve_policy(spec: str) -> str:
@@ -118,12 +126,17 @@ class Stats:
 
     def report(self, period_s: float) -> dict[str, str]:
         """Figures since the previous report."""
+
         def percentile(values, q):
             return f"{np.percentile(values, q):.2f}" if values else "n/a"
 
-        figures = {"rate_hz": f"{len(self.latencies) / period_s:.2f}",
-                   "latency_p50_ms": percentile(self.latencies, 50), "latency_p99_ms": percentile(self.latencies, 99),
-                   "inference_p50_ms": percentile(self.inference, 50), "missed_cycles": str(self.missed)}
+        figures = {
+            "rate_hz": f"{len(self.latencies) / period_s:.2f}",
+            "latency_p50_ms": percentile(self.latencies, 50),
+            "latency_p99_ms": percentile(self.latencies, 99),
+            "inference_p50_ms": percentile(self.inference, 50),
+            "missed_cycles": str(self.missed),
+        }
         self.latencies, self.inference = [], []
         return figures
 
@@ -133,7 +146,7 @@ class PolicyNode(LifecycleNode):
         super().__init__("policy_node")
         self.cfg = params.declare(self, PARAMETERS)
         self.policy = None
-        self.model_inputs = None  # image_size, imu_window, wrist_camera of the policy (a ModelConfig or SimConfig)
+        self.spec = None  # what the policy's observations hold (image size, IMU window, wrist camera)
         self.inputs: Inputs | None = None
         self.active = False
         self.enabled = True
@@ -151,8 +164,9 @@ class PolicyNode(LifecycleNode):
         self.create_timer(self.cfg.diagnostics_period, self.publish_diagnostics)
         if self.cfg.autostart not in ("active", "inactive", "unconfigured"):
             raise ValueError(f"parameter autostart={self.cfg.autostart!r}: use active, inactive or unconfigured")
-        if self.cfg.autostart != "unconfigured" and self.trigger_configure() == TransitionCallbackReturn.SUCCESS:
-            if self.cfg.autostart == "active":
+        if self.cfg.autostart != "unconfigured":
+            configured = self.trigger_configure() == TransitionCallbackReturn.SUCCESS
+            if configured and self.cfg.autostart == "active":
                 self.trigger_activate()
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -162,36 +176,40 @@ class PolicyNode(LifecycleNode):
             check(cfg)
             spec = resolve_policy(cfg.policy)
             self.get_logger().info(f"loading policy {spec} (device {cfg.device}, backend {cfg.backend})")
-            policy = load_policy(spec, seed=cfg.seed, device=cfg.device, backend=cfg.backend,
-                                 threads=cfg.cpu_threads)
+            policy = load_policy(spec, seed=cfg.seed, device=cfg.device, backend=cfg.backend, threads=cfg.cpu_threads)
         except Exception as exc:  # whatever stops the model from loading: stay up, unconfigured, and say why
             self.failure = f"configure failed: {exc}"
             self.get_logger().error(self.failure)
             return TransitionCallbackReturn.FAILURE
         self.cfg, self.policy, self.failure = cfg, policy, ""
         period_ns = round(1e9 / cfg.control_rate_hz)
-        self.model_inputs = model_inputs(policy)
-        wrist = self.model_inputs.wrist_camera
-        self.inputs = Inputs(self.model_inputs.imu_window, round(cfg.max_input_age * 1e9) or 2 * period_ns, wrist)
+        self.spec = policy.spec
+        wrist = self.spec.wrist_camera
+        self.inputs = Inputs(self.spec.imu_window, round(cfg.max_input_age * 1e9) or 2 * period_ns, wrist)
         self.stats = Stats(period_ns)
         # The instruction subscription comes first: when a new episode's instruction and observation
         # are waiting together, the executor serves subscriptions in creation order.
         image_type, suffix = (Image, "") if cfg.image_transport == "raw" else (CompressedImage, "/compressed")
         sub = self.create_subscription
-        self.input_subscriptions = [sub(String, cfg.instruction_topic, self.on_instruction, qos.LATCHED_READER),
-                                    sub(image_type, cfg.camera_topic + suffix, self.on_camera, qos.SENSOR),
-                                    sub(JointState, cfg.joint_states_topic, self.on_joint_states, qos.SENSOR),
-                                    sub(Imu, cfg.imu_topic, self.on_imu, qos.SENSOR_QUEUED)]
+        self.input_subscriptions = [
+            sub(String, cfg.instruction_topic, self.on_instruction, qos.LATCHED_READER),
+            sub(image_type, cfg.camera_topic + suffix, self.on_camera, qos.SENSOR),
+            sub(JointState, cfg.joint_states_topic, self.on_joint_states, qos.SENSOR),
+            sub(Imu, cfg.imu_topic, self.on_imu, qos.SENSOR_QUEUED),
+        ]
         if wrist:
             self.input_subscriptions.append(
-                sub(image_type, cfg.wrist_camera_topic + suffix, self.on_wrist_camera, qos.SENSOR))
+                sub(image_type, cfg.wrist_camera_topic + suffix, self.on_wrist_camera, qos.SENSOR)
+            )
         pub = self.create_lifecycle_publisher
         self.action_pub = pub(Float32MultiArray, cfg.action_topic, qos.RELIABLE)
         self.gripper_pub = pub(Float64, cfg.gripper_topic, qos.RELIABLE)
         self.twist_pub = pub(TwistStamped, cfg.twist_topic, qos.RELIABLE)
         self.command_publishers = [self.action_pub, self.gripper_pub, self.twist_pub]
-        self.get_logger().info(f"configured: {cfg.trigger} trigger at {cfg.control_rate_hz:g} Hz, "
-                               f"max input age {self.inputs.max_age_ns / 1e6:.0f} ms")
+        self.get_logger().info(
+            f"configured: {cfg.trigger} trigger at {cfg.control_rate_hz:g} Hz, "
+            f"max input age {self.inputs.max_age_ns / 1e6:.0f} ms"
+        )
         return super().on_configure(state)
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -250,7 +268,7 @@ class PolicyNode(LifecycleNode):
 
     def on_image(self, stream: str, msg) -> None:
         convert = image_input if self.cfg.image_transport == "raw" else compressed_input
-        self.inputs.update(stream, stamp_ns(msg), lambda: convert(msg, self.model_inputs.image_size))
+        self.inputs.update(stream, stamp_ns(msg), lambda: convert(msg, self.spec.image_size))
         self.act_on_observation()
 
     def on_joint_states(self, msg: JointState) -> None:
@@ -335,8 +353,15 @@ class PolicyNode(LifecycleNode):
     def publish_diagnostics(self) -> None:
         status = DiagnosticStatus(name="policy_node: VLA policy", hardware_id=self.get_fully_qualified_name())
         state = "active" if self.active else "inactive" if self.policy is not None else "unconfigured"
-        values = {"state": state, "enabled": str(self.enabled), "policy": self.cfg.policy, "device": self.cfg.device,
-                  "backend": self.cfg.backend, "trigger": self.cfg.trigger, "holding": ""}
+        values = {
+            "state": state,
+            "enabled": str(self.enabled),
+            "policy": self.cfg.policy,
+            "device": self.cfg.device,
+            "backend": self.cfg.backend,
+            "trigger": self.cfg.trigger,
+            "holding": "",
+        }
         if not self.active:
             status.level = DiagnosticStatus.ERROR if self.failure else DiagnosticStatus.STALE
             status.message = self.failure or state

@@ -1,5 +1,5 @@
 """recorder_node: records the VLA topics as a dataset of episodes in the format of `vla collect`
-(vla.episodes: one rosbag2 directory per episode, listed in manifest.json when complete), so that
+(vla.data: one rosbag2 directory per episode, listed in manifest.json when complete), so that
 `vla dataset`, the training index, `ros2 bag` and Foxglove read it.
 
 Messages are stored as the CDR bytes received, never re-serialized, with the time the middleware
@@ -21,7 +21,6 @@ from __future__ import annotations
 import heapq
 import itertools
 import json
-import os
 import shutil
 import sys
 import time
@@ -32,10 +31,10 @@ from rclpy.serialization import deserialize_message
 from std_msgs.msg import String
 from std_srvs.srv import SetBool
 
-from vla.episodes.dataset import PARTIAL, DatasetWriter, dir_bytes, episode_name
-from vla.episodes.record import FORMAT
-from vla.episodes.topics import MSG_TYPES, TOPICS
-from vla.episodes.writer import EpisodeWriter, fsync_dir
+from vla.contracts.topics import MSG_TYPES, TOPICS
+from vla.data.dataset import DatasetWriter, dir_bytes, episode_name, partial_episode, publish_episode
+from vla.data.record import FORMAT
+from vla.data.writer import EpisodeWriter
 from vla_ros import params, qos
 from vla_ros.conversions import message_class
 from vla_ros.runner import run
@@ -134,8 +133,7 @@ class RecorderNode(Node):
 
     # ---- bags ------------------------------------------------------------------------------------
     def start(self, received: int) -> None:
-        path = self.dataset.root / PARTIAL / episode_name(self.next_episode)
-        shutil.rmtree(path, ignore_errors=True)
+        path = partial_episode(self.dataset.root, self.next_episode)
         self.bag = Bag(self.next_episode, EpisodeWriter(path, self.cfg.wrist_camera))
         self.next_episode += 1
         if self.instruction is not None:  # latched before the episode began
@@ -150,19 +148,17 @@ class RecorderNode(Node):
         if counts["action"] != info["steps"] or min(counts["image"], counts["joint_states"]) < info["steps"]:
             return self.discard(f"{info['steps']} steps, but {counts['action']} actions, {counts['image']} images "
                                 f"and {counts['joint_states']} joint states recorded (started during the episode?)")
-        name, root = episode_name(bag.episode), self.dataset.root
         info |= {"episode": bag.episode}
         bag.writer.close(info)
         self.bag = None
-        os.rename(root / PARTIAL / name, root / name)
-        fsync_dir(root)
-        self.dataset.add(info | {"path": name, "bytes": dir_bytes(root / name)})
+        name = publish_episode(self.dataset.root, bag.episode)
+        self.dataset.add(info | {"path": name, "bytes": dir_bytes(self.dataset.root / name)})
         self.dataset.save()  # list it now: readers use only what the manifest lists
         self.get_logger().info(f"recorded {name}: {counts['action']} actions, success {info['success']}")
 
     def discard(self, why: str) -> None:
         self.bag.writer.abort()
-        shutil.rmtree(self.dataset.root / PARTIAL / episode_name(self.bag.episode), ignore_errors=True)
+        shutil.rmtree(partial_episode(self.dataset.root, self.bag.episode), ignore_errors=True)
         self.get_logger().warning(f"discarded {episode_name(self.bag.episode)}: {why}")
         self.bag = None
 

@@ -19,9 +19,9 @@ from rclpy.node import Node
 from rosbags.highlevel import AnyReader
 from std_srvs.srv import Trigger
 
-from vla.episodes.reader import bag_path
-from vla.episodes.topics import TOPICS
-from vla.episodes.writer import LATCHED
+from vla.contracts.topics import TOPICS
+from vla.data.reader import bag_path
+from vla.data.writer import LATCHED
 from vla_ros import params, qos
 from vla_ros.conversions import message_class
 from vla_ros.runner import run

@@ -29,8 +29,9 @@ from std_msgs.msg import Float64, String
 from std_srvs.srv import Trigger
 
 from sim import TASKS, SimConfig, make_env
-from vla.episodes import topics as T
-from vla.episodes.record import episode_info, versions
+from vla.contracts import topics as T
+from vla.data import messages as M
+from vla.data.record import episode_info, versions
 from vla_ros import params, qos
 from vla_ros.conversions import InputError, command_action, fill, stamp_ns
 from vla_ros.runner import run
@@ -127,9 +128,10 @@ class SimNode(Node):
                                f"after {self.env.steps} steps")
 
     def episode_info(self, seed: int) -> dict:
-        """The episode metadata of `vla collect` (vla.episodes.reader.REQUIRED_INFO and more), plus `done`."""
+        """The episode metadata of `vla collect` (vla.data.reader.REQUIRED_INFO and more), plus `done`."""
         instruction = self.get_parameter("instruction").value or self.obs["instruction"]
-        return episode_info(self.env, instruction, seed, False, 0, "sim_node") | {"done": False, "versions": self.versions}
+        info = episode_info(self.env, instruction, seed, False, 0, "sim_node")
+        return info | {"done": False, "versions": self.versions}
 
     def publish_episode(self) -> None:
         self.episode_pub.publish(String(data=json.dumps(self.episode, sort_keys=True)))
@@ -155,11 +157,11 @@ class SimNode(Node):
         apart, ending now)."""
         stamp = self.get_clock().now().nanoseconds
         for sample, imu_stamp in zip(samples, T.imu_stamps(stamp, len(samples), self.env.config.imu_hz)):
-            self.imu_pub.publish(fill(Imu(), T.imu_fields(sample, int(imu_stamp))))
-        self.joints_pub.publish(fill(JointState(), T.joint_state_fields(*self.env.robot.joint_states(), stamp)))
+            self.imu_pub.publish(fill(Imu(), M.imu_fields(sample, int(imu_stamp))))
+        self.joints_pub.publish(fill(JointState(), M.joint_state_fields(*self.env.robot.joint_states(), stamp)))
         if self.wrist_pub is not None:
-            self.wrist_pub.publish(fill(Image(), T.image_fields(self.obs["wrist_image"], stamp, T.WRIST_CAMERA_FRAME)))
-        self.image_pub.publish(fill(Image(), T.image_fields(self.obs["image"], stamp)))
+            self.wrist_pub.publish(fill(Image(), M.image_fields(self.obs["wrist_image"], stamp, T.WRIST_CAMERA_FRAME)))
+        self.image_pub.publish(fill(Image(), M.image_fields(self.obs["image"], stamp)))
         self.waiting_for = stamp if self.lockstep else None
         self.published_at = time.monotonic()
 
@@ -185,8 +187,9 @@ class SimNode(Node):
 
     def on_lockstep_timer(self) -> None:
         if self.waiting_for is not None and time.monotonic() - self.published_at > self.cfg.lockstep_timeout:
-            self.get_logger().info("no command for the current observation: publishing it again",
-                                   throttle_duration_sec=10.0)
+            self.get_logger().info(
+                "no command for the current observation: publishing it again", throttle_duration_sec=10.0
+            )
             self.publish_observation(list(self.env.imu.samples))
 
     def step(self, twist: TwistStamped) -> None:

@@ -1,0 +1,52 @@
+"""`vla eval` and `vla demo`: closed-loop evaluation on held-out seeds, its report and video."""
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from policies import CHECKPOINT_DIR
+from vla.apps.rollout import EVAL_SEED_OFFSET
+from vla.cli import main as vla_main
+
+
+def test_vla_eval_reports_the_same_episodes_with_torch_and_onnx(tmp_path, capsys):
+    """`vla eval` on the shipped checkpoint: a report of held-out episodes whose rates follow from
+    them, a readable video, and the same outcome of every episode with either backend (same bins)."""
+    checkpoint = CHECKPOINT_DIR / "default"
+    if not (checkpoint / "model.onnx").is_file():
+        pytest.skip(f"no shipped checkpoint with its ONNX export at {checkpoint}")
+    reports = {}
+    for backend in ("torch", "onnx"):
+        out = tmp_path / backend
+        argv = ["eval", "--checkpoint", str(checkpoint), "--task", "reach", "--episodes", "3", "--backend", backend,
+                "--device", "cpu", "--out", str(out), "--video-episodes", str(int(backend == "torch"))]
+        assert vla_main(argv) == 0
+        reports[backend] = json.loads((out / "report.json").read_text())
+    report = reports["torch"]
+    episodes = report["episodes"]
+    assert [e["seed"] for e in episodes] == [EVAL_SEED_OFFSET + i for i in range(3)]
+    assert report["success"]["reach"] == pytest.approx(np.mean([e["success"] for e in episodes]))
+    assert "onnxruntime" in reports["onnx"]["runtime"] and "torch" in report["runtime"]
+    assert [(e["success"], e["steps"], e["touched"]) for e in episodes] == \
+        [(e["success"], e["steps"], e["touched"]) for e in reports["onnx"]["episodes"]]
+    video = cv2.VideoCapture(str(tmp_path / "torch" / "rollouts.mp4"))
+    assert video.read()[0] and not (tmp_path / "onnx" / "rollouts.mp4").exists()
+    assert "reach" in capsys.readouterr().out  # the success table
+    assert vla_main(["eval", "--checkpoint", str(checkpoint), "--episodes", "0"]) == 2
+    assert "--episodes must be positive" in capsys.readouterr().err
+
+
+def test_vla_demo_runs_the_shipped_checkpoint_on_its_tasks(tmp_path):
+    """The README's main command, shrunk to one episode per task."""
+    checkpoint = CHECKPOINT_DIR / "default"
+    if not checkpoint.is_dir():
+        pytest.skip(f"no shipped checkpoint at {checkpoint}")
+    video, report = tmp_path / "demo.mp4", tmp_path / "demo.json"
+    assert vla_main(["demo", "--episodes", "1", "--video", str(video), "--report", str(report)]) == 0
+    episodes = json.loads(report.read_text())
+    meta = json.loads((checkpoint / "config.json").read_text())
+    assert [e["task"] for e in episodes] == list(meta["training"]["data"]["tasks"])
+    assert all(e["seed"] == EVAL_SEED_OFFSET for e in episodes) and cv2.VideoCapture(str(video)).read()[0]

@@ -1,0 +1,238 @@
+"""Training: recipes and overrides, exact resume (also after a kill during a save), stopping on a
+non-finite loss, DDP on CPU (gloo, 2 processes), and the whole `vla train` command on a dataset it
+records itself."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+import torch.multiprocessing as mp
+import yaml
+
+from vla.apps.train.data import random_shift
+from vla.apps.train.loop import TrainingError, train
+from vla.apps.train.recipe import TrainConfig, load_config
+from vla.cli import main as vla_main
+from vla.config import ConfigError
+from vla.contracts import ACTION_HIGH, ACTION_LOW
+from vla.model.checkpoint import load_checkpoint
+
+TINY_MODEL = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64, "vision_width": 16,
+              "max_text_tokens": 8, "chunk": 2, "decoders": ["parallel", "autoregressive"]}
+
+
+class FakeIndex:
+    """In-memory stand-in for vla.data.index.EpisodeIndex (same keys), random content.
+    `crash_on_call`: raise on that call of batch(), as if the machine died; `nan_on_call`: that
+    batch holds a NaN state."""
+
+    def __init__(self, n: int = 48, chunk: int = 2, crash_on_call: int | None = None, nan_on_call: int | None = None):
+        rng = np.random.default_rng(0)
+        self.data = {
+            "image": rng.integers(0, 256, (n, 96, 96, 3), dtype=np.uint8),
+            "state": rng.normal(size=(n, 15)).astype(np.float32),
+            "imu": rng.normal(size=(n, 12, 6)).astype(np.float32),
+            "actions": rng.uniform(ACTION_LOW, ACTION_HIGH, (n, chunk, 7)).astype(np.float32),
+            "action_mask": rng.random((n, chunk)) > 0.2,
+        }
+        self.instructions = [
+            ["touch the red cube", "reach the blue ball", "move to the green cylinder"][i % 3] for i in range(n)
+        ]
+        self.stats = {
+            "action": {"q01": ACTION_LOW.tolist(), "q99": ACTION_HIGH.tolist()},
+            "state": {"mean": [0.0] * 15, "std": [1.0] * 15},
+            "imu": {"mean": [0.0] * 6, "std": [1.0] * 6},
+        }
+        self.calls, self.crash_on_call, self.nan_on_call = 0, crash_on_call, nan_on_call
+
+    def __len__(self) -> int:
+        return len(self.instructions)
+
+    def batch(self, indices) -> dict:
+        self.calls += 1
+        if self.calls == self.crash_on_call:
+            raise RuntimeError("simulated crash")
+        indices = np.asarray(indices)
+        out = {k: v[indices] for k, v in self.data.items()}
+        if self.calls == self.nan_on_call:
+            out["state"] = np.full_like(out["state"], np.nan)
+        return out | {"instruction": [self.instructions[i] for i in indices], "task": ["reach"] * len(indices)}
+
+
+def recipe(tmp_path, **overrides) -> TrainConfig:
+    values = {
+        "model": TINY_MODEL,
+        "optim": {"steps": 6, "batch_size": 8, "lr": 1e-3, "warmup_steps": 2},
+        "eval": {"episodes": 0},
+        "out_dir": str(tmp_path / "run"),
+        "log_every": 1,
+        "save_every": 2,
+        "keep_checkpoints": 5,
+        "threads": 1,
+        **overrides,
+    }
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return load_config(path)
+
+
+def losses(out_dir) -> dict[int, float]:
+    lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in lines if "loss" in r}
+
+
+# ---- recipes ----------------------------------------------------------------------------------
+def test_shipped_recipes_load():
+    for name in ("quickstart-cpu", "full-gpu"):
+        config = load_config(f"policies/configs/{name}.yaml")
+        assert config.model.chunk >= 1 and config.data.tasks
+
+
+def test_overrides_and_config_errors(tmp_path):
+    config = load_config(
+        "policies/configs/quickstart-cpu.yaml",
+        ["optim.lr=3e-4", "model.decoders=[autoregressive]", "model.prompt={instruction}<image>", "seed=3"],
+    )
+    assert config.optim.lr == 3e-4 and config.model.decoders == ("autoregressive",) and config.seed == 3
+    assert config.model.prompt == "{instruction}<image>"
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config("policies/configs/quickstart-cpu.yaml", ["optim.learning_rate=1"])
+    with pytest.raises(ConfigError, match="expected int"):
+        load_config("policies/configs/quickstart-cpu.yaml", ["optim.steps=many"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config("policies/configs/quickstart-cpu.yaml", ["optim.steps"])
+    with pytest.raises(ConfigError, match="unknown task"):
+        load_config("policies/configs/quickstart-cpu.yaml", ["data.tasks=[fly]"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+# ---- training and resuming ----------------------------------------------------------------------
+def test_resume_continues_exactly(tmp_path):
+    straight = recipe(tmp_path / "a")
+    model = train(straight, index=FakeIndex(), progress=False)
+    expected = losses(tmp_path / "a" / "run")
+    assert sorted(expected) == [1, 2, 3, 4, 5, 6]
+
+    interrupted = recipe(tmp_path / "b")
+    with pytest.raises(RuntimeError, match="simulated crash"):  # call 5 is step 5
+        train(interrupted, index=FakeIndex(crash_on_call=5), progress=False)
+    resumed = train(interrupted, index=FakeIndex(), resume="latest", progress=False)
+    got = losses(tmp_path / "b" / "run")
+    assert got == expected  # steps 1-4 before the crash, 5-6 after resuming from step 4: bit-identical
+    for (name, a), (_, b) in zip(model.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+    final, _ = load_checkpoint(tmp_path / "b" / "run" / "final")
+    assert final.config.decoders == ("parallel", "autoregressive")
+
+
+def test_resume_refuses_another_model(tmp_path):
+    config = recipe(tmp_path, optim={"steps": 2, "batch_size": 8})
+    train(config, index=FakeIndex(), progress=False)
+    changed = recipe(tmp_path, optim={"steps": 4, "batch_size": 8}, model={**TINY_MODEL, "hidden_size": 64})
+    with pytest.raises(ConfigError, match="model section differs"):
+        train(changed, index=FakeIndex(), resume="latest", progress=False)
+
+
+def _ddp_worker(rank: int, world: int, port: int, tmp_path) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank)
+    )
+    model = train(
+        recipe(tmp_path, optim={"steps": 3, "batch_size": 8, "lr": 1e-2}, device="cpu"),
+        index=FakeIndex(),
+        progress=False,
+    )
+    safetensors.torch.save_model(model, str(tmp_path / f"rank{rank}.safetensors"))
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_on_cpu_keeps_ranks_identical(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, tmp_path), nprocs=2)
+    weights = [safetensors.torch.load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        assert torch.equal(weights[0][name], weights[1][name]), name
+    before = load_checkpoint(tmp_path / "run" / "checkpoints" / "step_0000002")[0].state_dict()
+    assert any(not torch.equal(before[n], weights[0][n]) for n in weights[0] if n in before)  # it did train
+    assert sorted(losses(tmp_path / "run")) == [1, 2, 3]  # only rank 0 logs
+
+
+def test_vla_train_records_the_dataset_then_trains_and_evaluates(tmp_path):
+    """The README's one-command train step, shrunk: records 2 expert episodes with `vla collect`,
+    opens them through EpisodeIndex, trains, evaluates closed-loop in sim, saves."""
+    config = {
+        "model": TINY_MODEL,
+        "data": {"dataset": str(tmp_path / "data"), "tasks": ["reach"], "collect": {"episodes": 2, "workers": 1}},
+        "optim": {"steps": 2, "batch_size": 4},
+        "eval": {"episodes": 1},
+        "out_dir": str(tmp_path / "run"),
+        "log_every": 1,
+        "save_every": 10,
+        "threads": 1,
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert vla_main(["train", "--config", str(path), "--no-progress"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("success_reach" in r for r in records) and any("samples_per_s" in r for r in records)
+    assert (tmp_path / "run" / "tb").is_dir() and (tmp_path / "run" / "config.yaml").is_file()
+    _, processor = load_checkpoint(tmp_path / "run" / "final")
+    assert processor.stats["state"]["std"] != [0.0] * 15  # statistics come from the recorded data
+    assert vla_main(["train", "--config", str(path), "--no-progress", "--override", "optim.batch_size=0"]) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_training_on_cuda_with_bf16_autocast(tmp_path):
+    model = train(
+        recipe(tmp_path, device="cuda", optim={"steps": 3, "batch_size": 8}), index=FakeIndex(), progress=False
+    )
+    assert next(model.parameters()).is_cuda and next(model.parameters()).dtype == torch.float32
+    assert all(np.isfinite(v) for v in losses(tmp_path / "run").values())
+
+
+def test_random_shift_moves_images_reproducibly():
+    images = torch.zeros((8, 16, 16, 3), dtype=torch.uint8)
+    images[:, 6:10, 6:10] = 255  # a bright square in the middle
+    a = random_shift(images, 3, torch.Generator().manual_seed(1))
+    b = random_shift(images, 3, torch.Generator().manual_seed(1))
+    assert a.dtype == torch.uint8 and a.shape == images.shape and torch.equal(a, b)
+    centres = [torch.nonzero(img[..., 0]).float().mean(0) for img in a]
+    offsets = torch.stack(centres) - torch.tensor([7.5, 7.5])
+    assert offsets.abs().max() <= 3 and offsets.abs().sum() > 0  # moved, by at most 3 px
+    assert all(int(img[..., 0].sum()) == 16 * 255 for img in a)  # the square stays whole
+
+
+def test_a_non_finite_loss_stops_training_with_a_clear_error(tmp_path, capsys):
+    """One NaN in the data once trained 10 steps of NaN losses into an all-NaN checkpoint, exit 0."""
+    config = recipe(tmp_path)
+    with pytest.raises(TrainingError, match="step 4: the loss is not finite"):
+        train(config, index=FakeIndex(nan_on_call=4), progress=False)
+    assert sorted(losses(tmp_path / "run")) == [1, 2, 3]  # what came before stays, step 2's checkpoint too
+    assert (tmp_path / "run" / "checkpoints" / "step_0000002" / "trainer_state.json").is_file()
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_resume_passes_over_an_incomplete_checkpoint_and_rewrites_the_metrics(tmp_path):
+    """A kill during a save leaves at most a staging directory (or, from older versions, a step
+    directory without trainer state): --resume takes the newest complete checkpoint, and the
+    metrics of the steps it redoes are written once."""
+    config = recipe(tmp_path)
+    with pytest.raises(RuntimeError, match="simulated crash"):  # steps 1-4 done, step 4 saved
+        train(config, index=FakeIndex(crash_on_call=5), progress=False)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    (checkpoints / "step_0000006.partial").mkdir()  # a save under way when the process died
+    (checkpoints / "step_0000004" / "trainer_state.json").unlink()  # a damaged newest checkpoint
+    train(config, index=FakeIndex(), resume="latest", progress=False)  # from step 2
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]

@@ -1,0 +1,172 @@
+"""Episodes: sim -> rosbag2 (MCAP) -> independent readers (rosbags, mcap), and clear errors naming
+the file for bad input."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from mcap.reader import make_reader
+from mcap_ros2.decoder import DecoderFactory
+from rosbags.highlevel import AnyReader
+from rosbags.rosbag2 import Writer
+from rosbags.rosbag2.enums import StoragePlugin
+
+from vla.contracts import JOINT_NAMES, state_from_joints
+from vla.contracts.topics import EPOCH_NS, MSG_TYPES, TOPICS, step_stamp
+from vla.data import messages as M
+from vla.data.messages import TYPESTORE
+from vla.data.reader import EpisodeError, read_episode
+from vla.data.writer import CUSTOM_DATA_KEY, EpisodeWriter
+
+
+def messages(bag: Path) -> dict:
+    """topic -> [(log time, message)] read with rosbags' AnyReader (independent of our reader)."""
+    out = {}
+    with AnyReader([bag]) as reader:
+        for connection, log_time, raw in reader.messages():
+            out.setdefault(connection.topic, []).append((log_time, reader.deserialize(raw, connection.msgtype)))
+    return out
+
+
+def test_bags_read_by_rosbags_match_the_simulator(expert_dataset):
+    root, reference = expert_dataset
+    manifest = json.loads((root / "manifest.json").read_text())["episodes"]
+    assert [e["path"] for e in manifest] == ["episode_000000", "episode_000001", "episode_000002"]
+    for entry, (observations, actions, success) in zip(manifest, reference):
+        bag = root / entry["path"]
+        msgs = messages(bag)
+        steps = len(actions)
+        stamps = [EPOCH_NS + t * 100_000_000 for t in range(steps + 1)]
+        images = msgs[TOPICS["image"]]
+        assert [t for t, _ in images] == stamps
+        for obs, (log_time, msg) in zip(observations, images):
+            assert msg.encoding == "rgb8" and M.stamp_from_header(msg.header) == log_time
+            assert np.array_equal(msg.data.reshape(96, 96, 3), obs["image"])
+        joints = msgs[TOPICS["joint_states"]]
+        assert [t for t, _ in joints] == stamps
+        for obs, (_, msg) in zip(observations, joints):
+            assert list(msg.name) == list(JOINT_NAMES) and len(msg.velocity) == 9
+            assert np.array_equal(state_from_joints(msg.position[:7], msg.position[7:]), obs["state"])
+        imu = msgs[TOPICS["imu"]]
+        assert len(imu) == 12 * (steps + 1)  # 120 Hz, each sample its own message
+        imu_times = np.array([t for t, _ in imu])
+        assert np.allclose(np.diff(imu_times), 1e9 / 120, atol=1)
+        for t, obs in enumerate(observations):
+            window = [M.imu_sample_from_msg(m) for s, m in imu if s <= stamps[t]][-12:]
+            assert np.array_equal(np.float32(window), obs["imu"])
+        recorded = [np.asarray(m.data) for _, m in msgs[TOPICS["action"]]]
+        assert np.array_equal(recorded, actions) and [t for t, _ in msgs[TOPICS["action"]]] == stamps[:-1]
+        twists = [m.twist.linear for _, m in msgs[TOPICS["cmd_twist"]]]
+        assert np.allclose([[v.x, v.y, v.z] for v in twists], np.array(actions)[:, :3] * 10)
+        assert [m.data for _, m in msgs[TOPICS["gripper"]]] == [float(a[6]) for a in actions]
+        assert [m.data for _, m in msgs[TOPICS["instruction"]]] == [observations[0]["instruction"]]
+        info = json.loads(msgs[TOPICS["episode_info"]][0][1].data)
+        meta = yaml.safe_load((bag / "metadata.yaml").read_text())["rosbag2_bagfile_information"]
+        assert json.loads(meta["custom_data"][CUSTOM_DATA_KEY]) == info
+        assert meta["storage_identifier"] == "mcap"
+        assert (info["seed"], info["steps"], info["success"], info["task"]) == (entry["seed"], steps, success, "reach")
+        assert info["instruction"] == observations[0]["instruction"] and info["versions"]["pybullet"]
+
+
+def test_bags_read_by_the_mcap_library(expert_dataset):
+    root, reference = expert_dataset
+    with open(root / "episode_000001" / "episode_000001.mcap", "rb") as f:
+        reader = make_reader(f, decoder_factories=[DecoderFactory()])
+        assert reader.get_header().profile == "ros2"
+        counts = {}
+        for schema, channel, _, decoded in reader.iter_decoded_messages():
+            assert schema.encoding == "ros2msg" and channel.message_encoding == "cdr"
+            counts[channel.topic] = counts.get(channel.topic, 0) + 1
+            if channel.topic == TOPICS["action"]:
+                last_action = np.array(decoded.data, np.float32)
+    steps = len(reference[1][1])
+    assert counts == {TOPICS["image"]: steps + 1, TOPICS["joint_states"]: steps + 1, TOPICS["imu"]: 12 * (steps + 1),
+                      TOPICS["instruction"]: 1, TOPICS["action"]: steps, TOPICS["cmd_twist"]: steps,
+                      TOPICS["gripper"]: steps, TOPICS["episode_info"]: 1}
+    assert np.array_equal(last_action, reference[1][1][-1])
+
+
+# ---- bad input ------------------------------------------------------------------------------------
+INFO = {"task": "reach", "instruction": "touch the red ball", "seed": 0, "success": True, "steps": 2, "control_hz": 10}
+
+
+def write_bag(path: Path, skip=(), encoding="rgb8", actions=2) -> Path:
+    writer = EpisodeWriter(path)
+    for t in range(actions + 1):
+        stamp = step_stamp(t, 10)
+        if "image" not in skip:
+            writer.write("image", stamp, M.image_fields(np.zeros((8, 8, 3), np.uint8), stamp) | {"encoding": encoding})
+        if "joint_states" not in skip:
+            writer.write("joint_states", stamp, M.joint_state_fields(np.zeros(9), np.zeros(9), stamp))
+        writer.write("imu", stamp, M.imu_fields(np.zeros(6), stamp))
+        if t < actions:
+            writer.write("action", stamp, M.action_fields(np.zeros(7)))
+    writer.close(INFO)
+    return path
+
+
+def test_a_valid_handmade_bag_reads(tmp_path):
+    episode = read_episode(write_bag(tmp_path / "ok"))
+    assert len(episode) == 2 and episode.steps()["imu"].shape == (2, 12, 6)  # short IMU history is padded
+
+
+def test_late_commands_pair_with_the_observation_their_twist_answers(tmp_path):
+    """A recorder on a busy robot may log an action after the next observation: the twist published
+    with it carries the stamp of the frame it answers, and pairs it; a holding node's lone twists
+    (no action) are passed over."""
+    writer = EpisodeWriter(tmp_path / "late")
+    period = step_stamp(1, 10)
+    for t in range(4):
+        stamp = step_stamp(t, 10)
+        writer.write("image", stamp, M.image_fields(np.full((8, 8, 3), t, np.uint8), stamp))
+        writer.write("joint_states", stamp, M.joint_state_fields(np.full(9, 0.1 * t), np.zeros(9), stamp))
+        writer.write("imu", stamp, M.imu_fields(np.zeros(6), stamp))
+    for t in range(3):  # each command logged 1.5 periods after its frame, the next frame already logged
+        logged, action = step_stamp(t, 10) + 3 * period // 2, np.full(7, 0.01 * t, np.float32)
+        writer.write("action", logged, M.action_fields(action))
+        writer.write("cmd_twist", logged + 1000, M.twist_fields(action, 10, step_stamp(t, 10)))
+        writer.write("cmd_twist", logged + period // 3, M.twist_fields(np.zeros(7), 10, logged + period // 3))  # a hold
+    writer.close(INFO | {"steps": 3})
+    episode = read_episode(tmp_path / "late")
+    steps = episode.steps()
+    assert episode.action_stamps.tolist() == [step_stamp(t, 10) for t in range(3)]
+    assert [image[0, 0, 0] for image in steps["images"]] == [0, 1, 2]
+    np.testing.assert_array_equal(steps["states"], episode.states[:3])
+
+
+@pytest.mark.parametrize("case, problem", [
+    ("empty directory", "not a rosbag2 directory"),
+    ("text file", "not a rosbag2 directory or .mcap file"),
+    ("truncated", "truncated MCAP"),
+    ("missing topic", r"missing topic\(s\) or no messages on \['/joint_states'\]"),
+    ("wrong encoding", "unsupported image encoding '32FC1'"),
+    ("empty episode", "empty episode: no /vla/action messages"),
+    ("wrong type", "/camera/image_raw: type sensor_msgs/msg/CompressedImage, expected sensor_msgs/msg/Image"),
+    ("not cdr", "message encoding 'json'"),
+])
+def test_bad_input_is_a_clear_error_naming_the_file(tmp_path, case, problem):
+    path = tmp_path / "bag"
+    if case == "empty directory":
+        path.mkdir()
+    elif case == "text file":
+        path = tmp_path / "notes.txt"
+        path.write_text("hello")
+    elif case == "truncated":
+        write_bag(path)
+        mcap = path / "bag.mcap"
+        mcap.write_bytes(mcap.read_bytes()[:-100])
+        path = mcap
+    elif case in ("missing topic", "wrong encoding", "empty episode"):
+        write_bag(path, skip={"missing topic": ("joint_states",)}.get(case, ()),
+                  encoding="32FC1" if case == "wrong encoding" else "rgb8", actions=0 if case == "empty episode" else 2)
+    else:
+        with Writer(path, version=9, storage_plugin=StoragePlugin.MCAP) as writer:
+            if case == "wrong type":
+                writer.add_connection(TOPICS["image"], "sensor_msgs/msg/CompressedImage", typestore=TYPESTORE)
+            else:
+                writer.add_connection(TOPICS["action"], MSG_TYPES["action"], typestore=TYPESTORE,
+                                      serialization_format="json")
+    with pytest.raises((EpisodeError, FileNotFoundError), match=problem) as error:
+        read_episode(path)
+    assert str(path) in str(error.value)

@@ -1,0 +1,186 @@
+"""`vla collect`: run a policy in sim and record each episode as a rosbag2 (MCAP) directory.
+
+    vla collect --task pick --episodes 100 --out datasets/pick --workers 2
+
+Episode i of a dataset uses seed `--seed` + i. Rerunning the same command after an interruption
+records only the missing episodes; `--append` adds `--episodes` new ones after the last.
+Workers (spawned processes) each write whole episodes; this process owns the manifest.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from policies import load_policy
+from sim import SimConfig, make_env
+from vla.apps.rollout import parse_tasks
+from vla.data.dataset import DatasetWriter, dir_bytes, partial_episode, publish_episode
+from vla.data.record import record_episode, versions
+
+
+@dataclass(frozen=True)
+class Job:
+    root: str
+    episode: int
+    task: str
+    seed: int
+    policy: str
+    sim_config: dict
+    versions: dict
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", default="all", help="comma-separated tasks or 'all'")
+    parser.add_argument("--episodes", type=int, default=10, help="episodes per task")
+    parser.add_argument("--out", required=True, help="dataset directory (created)")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes")
+    parser.add_argument("--policy", default="expert", help="expert | random | a checkpoint directory")
+    parser.add_argument("--seed", type=int, default=0, help="seed of episode 0 (episode i uses seed + i)")
+    parser.add_argument("--append", action="store_true", help="add --episodes new episodes to an existing dataset")
+    parser.add_argument("--image-size", type=int, default=SimConfig.image_size)
+    parser.add_argument("--wrist-camera", action="store_true")
+    parser.add_argument("--max-steps", type=int, default=0, help="episode step limit (0: the task's own)")
+
+
+def run(args) -> int:
+    if args.episodes <= 0 or args.workers <= 0:
+        raise ValueError("--episodes and --workers must be positive")
+    config = SimConfig(image_size=args.image_size, wrist_camera=args.wrist_camera, max_steps=args.max_steps)
+    start = time.perf_counter()
+    infos = record_dataset(args.out, parse_tasks(args.task), args.episodes, args.policy, config, args.seed, args.append,
+                           args.workers)
+    if infos:
+        elapsed = time.perf_counter() - start
+        rate = sum(i["success"] for i in infos) / len(infos)
+        size = sum(i["bytes"] for i in infos) / len(infos)
+        print(f"recorded {len(infos)} episodes in {elapsed:.1f} s ({3600 * len(infos) / elapsed:.0f} episodes/hour), "
+              f"success {100 * rate:.1f} %, {size / 1e6:.2f} MB/episode -> {args.out}")
+    return 0
+
+
+def record_dataset(out: str | Path, tasks: list[str], episodes: int, policy: str, config: SimConfig, seed: int = 0,
+                   append: bool = False, workers: int = 1, log=print) -> list[dict]:
+    """Record `episodes` per task into the dataset `out` (created), or what an interrupted recording
+    left missing of them (with `append`: that many more). -> the new episodes' metadata."""
+    if policy not in ("expert", "random") and not Path(policy).is_dir():
+        raise ValueError(f"unknown policy {policy!r}: use 'expert', 'random' or a checkpoint directory")
+    with DatasetWriter(out, log=log) as dataset:
+        jobs = plan(dataset, tasks, episodes, policy, config, seed, append)
+        done = len(dataset.episodes)
+        if not jobs:
+            log(f"{out}: all {done} episodes already recorded" + ("" if append else " (use --append to add more)"))
+            return []
+        if done and not append:
+            log(f"{out}: resuming, {len(jobs)} episode(s) left to record")
+        return collect(dataset, jobs, workers)
+
+
+def plan(dataset: DatasetWriter, tasks: list[str], episodes: int, policy: str, config: SimConfig, seed: int,
+         append: bool) -> list[Job]:
+    """The episodes still to record: ids 0.. (or after the last with append), `episodes` per task."""
+    done = {e["episode"]: e for e in dataset.episodes}
+    first = max(done, default=-1) + 1 if append else 0
+    sim_config, found = json.loads(json.dumps(asdict(config))), versions()  # as stored (lists, not tuples)
+    jobs = []
+    for i in range(len(tasks) * episodes):
+        episode, task = first + i, tasks[i // episodes]
+        if episode in done:
+            _check_same_collection(dataset.root, done[episode], task, policy, sim_config, seed + episode)
+            continue
+        jobs.append(Job(str(dataset.root), episode, task, seed + episode, policy, sim_config, found))
+    return jobs
+
+
+def _check_same_collection(root: Path, recorded: dict, task: str, policy: str, sim_config: dict, seed: int) -> None:
+    ours = {"task": task, "policy": policy, "seed": seed, "sim_config": sim_config}
+    differ = [key for key in ours if recorded.get(key) != ours[key]]
+    if differ:
+        raise ValueError(f"{root} already holds {recorded['path']} recorded with another {', '.join(differ)} "
+                         f"({', '.join(f'{k}={recorded.get(k)!r}' for k in differ if k != 'sim_config')}); "
+                         "pass --append to add episodes after it, or choose another --out")
+
+
+def collect(dataset: DatasetWriter, jobs: list[Job], workers: int) -> list[dict]:
+    """Record `jobs`, adding each episode to the manifest as soon as it is complete."""
+    infos = []
+    bar = tqdm(total=len(jobs), desc="collect", unit="episode")
+    with _recorded(jobs, workers) as finished:
+        for info in finished:
+            dataset.add(info)
+            infos.append(info)
+            bar.update(1)
+            bar.set_postfix(success=f"{100 * sum(i['success'] for i in infos) / len(infos):.0f}%")
+    bar.close()
+    return infos
+
+
+@contextmanager
+def _recorded(jobs: list[Job], workers: int):
+    """The metadata of finished episodes as they complete: recorded in this process for one worker,
+    else by a pool of spawned processes (PyBullet does not survive fork reliably)."""
+    if min(workers, len(jobs)) == 1:
+        try:
+            yield map(record_job, jobs)
+        finally:
+            _close_envs()
+        return
+    pool = mp.get_context("spawn").Pool(min(workers, len(jobs)), initializer=_init_worker, initargs=(os.getpid(),))
+    try:
+        yield pool.imap_unordered(record_job, jobs)
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def _init_worker(parent: int) -> None:
+    """Die with the parent: orphans would keep writing into a dataset nobody owns any more."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+_ENVS: dict[tuple, tuple] = {}  # per process: (task, config) -> (env, policy), reused across episodes
+
+
+def _env_and_policy(job: Job):
+    key = (job.task, tuple(sorted((k, str(v)) for k, v in job.sim_config.items())))
+    if key not in _ENVS:
+        env = make_env(job.task, SimConfig.from_dict(job.sim_config))
+        _ENVS[key] = (env, None if job.policy in ("expert", "random") else load_policy(job.policy, env))
+    env, policy = _ENVS[key]
+    # Cheap policies are rebuilt per episode so that the random one is seeded by the episode.
+    return env, policy or load_policy(job.policy, env, seed=job.seed)
+
+
+def _close_envs() -> None:
+    for env, _ in _ENVS.values():
+        env.close()
+    _ENVS.clear()
+
+
+def record_job(job: Job) -> dict:
+    """Record one episode under .partial/ and move it into the dataset once complete."""
+    env, policy = _env_and_policy(job)
+    partial = partial_episode(job.root, job.episode)
+    extra = {"episode": job.episode, "policy": job.policy, "versions": job.versions}
+    try:
+        info = record_episode(env, policy, job.seed, partial, extra)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    name = publish_episode(job.root, job.episode)
+    return info | {"path": name, "bytes": dir_bytes(Path(job.root) / name)}

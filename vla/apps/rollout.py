@@ -1,0 +1,189 @@
+"""Closed-loop rollouts in sim: run a policy on tasks for N episodes, tabulate success, film it.
+
+`vla sim --task all --policy expert --episodes 20 --video outputs/expert.mp4`
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+from tqdm import tqdm
+
+from policies import load_policy
+from sim import TASKS, SimConfig, make_env
+from vla.apps.video import annotate, write_video
+from vla.contracts.observation import ObservationSpec
+
+# Training data uses seeds from 0; evaluation uses seeds from here, so they never overlap.
+EVAL_SEED_OFFSET = 1_000_000
+
+
+@dataclass
+class EpisodeResult:
+    task: str
+    seed: int
+    success: bool
+    steps: int
+    instruction: str
+    target: str  # the object the instruction names
+    touched: str | None  # the object the gripper reached first (None: none)
+
+
+def run_episode(env, policy, seed: int, frames: list | None = None) -> EpisodeResult:
+    obs, info = env.reset(seed=seed)
+    policy.reset(obs["instruction"])
+    success, steps = False, 0
+    while True:
+        if frames is not None:
+            frames.append(annotate(env.render(), [obs["instruction"], f"{env.task.name} seed {seed} step {steps}"]))
+        obs, _, terminated, truncated, info = env.step(policy.act(obs))
+        steps += 1
+        success = bool(info["success"])
+        if terminated or truncated:
+            break
+    if frames is not None:
+        colour = (80, 255, 80) if success else (255, 80, 80)
+        last = annotate(env.render(), [obs["instruction"], "SUCCESS" if success else "FAILED"], colour)
+        frames.extend([last] * 5)
+    return EpisodeResult(env.task.name, seed, success, steps, obs["instruction"], info["target"], info["touched"])
+
+
+def run_episodes(
+    tasks,
+    make_policy,
+    episodes: int,
+    seed: int,
+    config: SimConfig | None = None,
+    video: str | Path | None = None,
+    video_episodes: int = 2,
+    progress: bool = True,
+) -> list[EpisodeResult]:
+    """`make_policy(env)` builds the policy for one task's env. Seeds are seed, seed+1, ..."""
+    results, frames = [], []
+    for task in tasks:
+        env = make_env(task, config, render_mode="rgb_array" if video else None)
+        policy = make_policy(env)
+        for i in tqdm(range(episodes), desc=task, disable=not progress, leave=False):
+            film = frames if video and i < video_episodes else None
+            results.append(run_episode(env, policy, seed + i, film))
+        env.close()
+    if video:
+        write_video(video, frames)
+    return results
+
+
+def run_policy(
+    policy: str,
+    tasks: list[str],
+    episodes: int,
+    seed: int,
+    video: str | Path | None = None,
+    video_episodes: int = 2,
+    progress: bool = True,
+    **settings,
+) -> list[EpisodeResult]:
+    """Run `policy` ('expert', 'random' or a checkpoint directory) for `episodes` per task from
+    `seed` on. A checkpoint's policy gets the observations its model takes; `settings` are the
+    other SimConfig fields (and image_size etc. for the expert and random policies)."""
+    if policy in ("expert", "random"):
+        return run_episodes(
+            tasks,
+            lambda env: load_policy(policy, env, seed=seed),
+            episodes,
+            seed,
+            SimConfig(**settings),
+            video,
+            video_episodes,
+            progress,
+        )
+    loaded = load_policy(policy)
+    observed = {f.name for f in dataclasses.fields(ObservationSpec)}
+    config = SimConfig.for_spec(loaded.spec, **{k: v for k, v in settings.items() if k not in observed})
+    return run_episodes(tasks, lambda env: loaded, episodes, seed, config, video, video_episodes, progress)
+
+
+def success_table(results: list[EpisodeResult], title: str = "success") -> Table:
+    table = Table(title=title)
+    for column in ("task", "episodes", "success rate", "grounding", "mean steps"):
+        table.add_column(column, justify="left" if column == "task" else "right")
+    for task, rows in [*by_task(results).items(), ("all", results)]:
+        table.add_row(
+            task,
+            str(len(rows)),
+            f"{100 * success_rate(rows):.1f} %",
+            f"{100 * grounding_rate(rows):.1f} %",
+            f"{np.mean([r.steps for r in rows]):.1f}",
+            style="bold" if task == "all" else None,
+        )
+    table.caption = "grounding: episodes in which the first object the gripper reached is the instructed one"
+    return table
+
+
+def by_task(results: list[EpisodeResult]) -> dict[str, list[EpisodeResult]]:
+    """Results grouped by task, tasks in the order they first appear."""
+    return {task: [r for r in results if r.task == task] for task in dict.fromkeys(r.task for r in results)}
+
+
+def success_rate(results: list[EpisodeResult]) -> float:
+    return float(np.mean([r.success for r in results]))
+
+
+def grounding_rate(results: list[EpisodeResult]) -> float:
+    return float(np.mean([r.touched == r.target for r in results]))
+
+
+def parse_tasks(spec: str) -> list[str]:
+    tasks = list(TASKS) if spec == "all" else spec.split(",")
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; choose from {sorted(TASKS)} or 'all'")
+    return tasks
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--policy", default="expert", help="expert | random | a checkpoint directory")
+    parser.add_argument("--task", default="all", help=f"comma-separated tasks or 'all' ({', '.join(TASKS)})")
+    parser.add_argument("--episodes", type=int, default=10, help="per task")
+    parser.add_argument("--seed", type=int, default=0, help="first episode seed")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=SimConfig.image_size,
+        help="camera size for the expert and random policies (a checkpoint's model sets its own)",
+    )
+    parser.add_argument("--gui", action="store_true", help="open the PyBullet GUI to watch")
+    parser.add_argument("--video", help="write the first episodes of each task to this .mp4/.gif")
+    parser.add_argument("--video-episodes", type=int, default=2)
+    parser.add_argument("--report", help="write per-episode results to this JSON file")
+
+
+def report(results: list[EpisodeResult], title: str, path: str | None) -> None:
+    Console().print(success_table(results, title))
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps([asdict(r) for r in results], indent=1))
+
+
+def run(args) -> int:
+    if args.episodes <= 0:
+        raise ValueError(f"--episodes must be positive, got {args.episodes}")
+    results = run_policy(
+        args.policy,
+        parse_tasks(args.task),
+        args.episodes,
+        args.seed,
+        args.video,
+        args.video_episodes,
+        image_size=args.image_size,
+        gui=args.gui,
+    )
+    report(results, f"{args.policy} policy", args.report)
+    if args.video:
+        print(f"video: {args.video}")
+    return 0

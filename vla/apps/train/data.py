@@ -1,0 +1,78 @@
+"""Training data: the dataset (recorded first if the recipe says so), its index, which samples make
+up each step's batch, and image augmentation."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import DistributedSampler
+
+from sim import SimConfig
+from vla.apps.collect import record_dataset
+from vla.apps.train.recipe import TrainConfig
+from vla.data.index import EpisodeIndex
+from vla.model.processor import Processor
+
+
+def ensure_dataset(config: TrainConfig) -> Path:
+    """The dataset directory; with a `data.collect` section, the scripted expert first records what
+    is missing of it (nothing when complete; an interrupted recording resumes)."""
+    data, path = config.data, Path(config.data.dataset)
+    if data.collect.episodes > 0:
+        record_dataset(path, list(data.tasks), data.collect.episodes, "expert", SimConfig.for_spec(config.model.spec),
+                       workers=data.collect.workers)
+    elif not path.exists():
+        raise FileNotFoundError(f"dataset {path} not found: record it with `vla collect` or set data.collect.episodes")
+    return path
+
+
+def open_dataset(config: TrainConfig, progress: bool) -> EpisodeIndex:
+    return EpisodeIndex(config.data.dataset, image_size=config.model.image_size, chunk=config.model.chunk,
+                        tasks=list(config.data.tasks), imu_window=config.model.imu_window, progress=progress)
+
+
+class BatchSchedule:
+    """Which samples make up step s's batch on this rank: a fresh DistributedSampler shuffle per
+    epoch (seeded by seed and epoch), so any step's batch is known without replaying earlier ones."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int, world: int):
+        if batch_size % world:
+            raise ValueError(f"optim.batch_size ({batch_size}) must be divisible by the number of processes ({world})")
+        self.sampler = DistributedSampler(
+            range(size), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
+        self.per_rank = batch_size // world
+        self.per_epoch = len(self.sampler) // self.per_rank
+        if self.per_epoch == 0:
+            raise ValueError(f"the dataset ({size} samples) is smaller than one batch ({batch_size})")
+        self.epoch, self.order = -1, []
+
+    def indices(self, step: int) -> list[int]:
+        epoch, i = divmod(step, self.per_epoch)
+        if epoch != self.epoch:
+            self.sampler.set_epoch(epoch)
+            self.epoch, self.order = epoch, list(self.sampler)
+        return self.order[i * self.per_rank : (i + 1) * self.per_rank]
+
+
+def collate(
+    samples: dict, processor: Processor, device: torch.device, shift: int = 0, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """index.batch(...) -> the keyword arguments of VLAModel.forward on `device`, images shifted by
+    up to `shift` pixels (random per image, drawn from `seed`)."""
+    batch = processor.batch(samples)
+    if shift:
+        generator = torch.Generator().manual_seed(seed)
+        for key in ("image", "wrist_image"):
+            if key in batch:
+                batch[key] = random_shift(batch[key], shift, generator)
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def random_shift(images: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
+    """uint8 [B, H, W, 3]: pad by `shift` with the edge pixels, crop back at a random offset."""
+    b, h, w, _ = images.shape
+    padded = torch.nn.functional.pad(images.permute(0, 3, 1, 2).float(), (shift,) * 4, mode="replicate")
+    offsets = torch.randint(0, 2 * shift + 1, (b, 2), generator=generator).tolist()
+    crops = [padded[i, :, y : y + h, x : x + w] for i, (y, x) in enumerate(offsets)]
+    return torch.stack(crops).permute(0, 2, 3, 1).to(torch.uint8)

@@ -1,0 +1,315 @@
+"""The training loop: one process, or one per GPU / CPU slot under torchrun (DDP).
+
+Writes to `out_dir`: config.yaml (the resolved recipe), metrics.jsonl and tb/ (TensorBoard: loss,
+token accuracy, learning rate, samples/s, closed-loop success), checkpoints/step_N/ (model and
+processor + optimizer, scheduler and RNG states, for --resume, which continues exactly as if never
+interrupted; a step directory appears only once complete) and final/ (the model to deploy).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch import distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from policies.vla_policy import VLAPolicy
+from sim import SimConfig
+from sim.tasks import instruction_corpus
+from vla.apps import JobError
+from vla.apps.rollout import EVAL_SEED_OFFSET, by_task, run_episodes, success_rate
+from vla.apps.train.data import BatchSchedule, collate, ensure_dataset, open_dataset
+from vla.apps.train.recipe import OptimConfig, TrainConfig
+from vla.apps.train.state import latest_checkpoint, load_training_state, save_training_state, step_checkpoints
+from vla.config import ConfigError, to_dict
+from vla.model.checkpoint import create, load_checkpoint, save_checkpoint
+from vla.model.model import VLAModel
+from vla.model.processor import Processor
+from vla.runtime import torch_runtime
+
+
+class TrainingError(JobError):
+    """Training cannot go on (e.g. a non-finite loss); what was saved before stays."""
+
+
+@dataclass
+class Processes:
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_processes(config: TrainConfig) -> Processes:
+    """One process, or one per GPU / CPU slot under torchrun (DDP: nccl on GPUs, gloo on CPUs)."""
+    cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda requested but torch sees no CUDA device")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if world > 1 and not dist.is_initialized():
+        # Long timeout: rank 0 alone records the dataset and runs evaluations while the others wait.
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=60))
+    return Processes(rank, world, device)
+
+
+def make_optimizer(model: torch.nn.Module, optim: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (not on norms and biases), as nanoGPT."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": optim.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, fused=device.type == "cuda")
+
+
+def make_scheduler(optimizer, optim: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup, then cosine decay from lr to min_lr at the last step."""
+    floor = optim.min_lr / optim.lr
+
+    def factor(step: int) -> float:
+        if step < optim.warmup_steps:
+            return (step + 1) / optim.warmup_steps
+        progress = min(1.0, (step - optim.warmup_steps) / max(1, optim.steps - optim.warmup_steps))
+        return floor + (1 - floor) * 0.5 * (1 + np.cos(np.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train(config: TrainConfig, index=None, resume: str | Path | None = None, progress: bool = True) -> VLAModel:
+    """Train; -> the trained (unwrapped) model. `index` replaces the recipe's dataset (tests);
+    `resume` is a step checkpoint directory, or "latest" for the newest complete one in out_dir."""
+    procs = setup_processes(config)
+    out_dir = Path(config.out_dir)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    seed_everything(config.seed)
+    if index is None:  # rank 0 records and caches the dataset, then the others open it
+        if procs.main:
+            ensure_dataset(config)
+            index = open_dataset(config, progress)
+        if procs.world > 1:
+            dist.barrier()
+        if index is None:
+            index = open_dataset(config, False)
+
+    resume_dir = None if resume is None else latest_checkpoint(out_dir) if resume == "latest" else Path(resume)
+    if resume_dir is not None:
+        model, processor = load_checkpoint(resume_dir)
+        if to_dict(model.config) != to_dict(config.model):
+            raise ConfigError(
+                f"the recipe's model section differs from the checkpoint's ({resume_dir}); resume with the same model"
+            )
+    else:
+        model, processor = create(config.model, index.stats, instruction_corpus())
+    model.to(procs.device).train()
+    wrapped = (
+        DistributedDataParallel(model, device_ids=[procs.device.index] if procs.device.type == "cuda" else None)
+        if procs.world > 1
+        else model
+    )
+    optimizer = make_optimizer(model, config.optim, procs.device)
+    scheduler = make_scheduler(optimizer, config.optim)
+    start = load_training_state(resume_dir, optimizer, scheduler) if resume_dir is not None else 0
+    schedule = BatchSchedule(len(index), config.optim.batch_size, config.seed, procs.rank, procs.world)
+    autocast = torch.autocast("cuda", torch.bfloat16) if procs.device.type == "cuda" else nullcontext()
+
+    logger = Logger(out_dir, config, start) if procs.main else None
+    if procs.main:
+        print(
+            f"model: {count_parameters(model) / 1e6:.2f} M parameters, {len(index)} samples, "
+            f"{schedule.per_epoch} steps per epoch, device {procs.device}, {procs.world} process(es)"
+        )
+    bar = tqdm(
+        range(start, config.optim.steps),
+        initial=start,
+        total=config.optim.steps,
+        desc="train",
+        disable=not (progress and procs.main),
+        dynamic_ncols=True,
+    )
+    for step in bar:
+        batch = collate(
+            index.batch(schedule.indices(step)),
+            processor,
+            procs.device,
+            config.data.image_shift,
+            seed=(config.seed * 1_000_003 + step) * 64 + procs.rank,
+        )
+        with autocast:
+            out = wrapped(**batch)
+        if not loss_is_finite(out["loss"], procs):
+            raise TrainingError(
+                f"step {step + 1}: the loss is not finite (non-finite data, or a learning rate too "
+                f"high); stopped, checkpoints up to here are kept in {out_dir}"
+            )
+        out["loss"].backward()
+        if config.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        done = step + 1
+        if done % config.log_every == 0 or done == config.optim.steps:
+            metrics = reduce_metrics(out, procs)
+            if logger:
+                logger.log(done, metrics, scheduler.get_last_lr()[0], config.optim.batch_size)
+                bar.set_postfix(
+                    loss=f"{metrics['loss']:.3f}",
+                    **{f"acc_{d[:3]}": f"{metrics[f'accuracy_{d}']:.3f}" for d in config.model.decoders},
+                )
+        save = done % config.save_every == 0 or done == config.optim.steps
+        evaluate_now = (config.eval.every and done % config.eval.every == 0) or done == config.optim.steps
+        if procs.main and (save or evaluate_now):
+            logger.pause()  # samples/s counts training only
+            if save:
+                save_step(model, processor, config, out_dir, done, optimizer, scheduler)
+            if evaluate_now:
+                logger.log_eval(done, evaluate(model, processor, config))
+                model.train()
+            logger.resume()
+    bar.close()
+    if procs.main:
+        save_checkpoint(out_dir / "final", model, processor, {"training": to_dict(config), "step": config.optim.steps})
+        logger.close()
+        print(f"final checkpoint: {out_dir / 'final'}")
+    if procs.world > 1:
+        dist.barrier()
+    return model
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def loss_is_finite(loss: torch.Tensor, procs: Processes) -> bool:
+    """Whether every process's loss is finite (all stop together, none waits for the others)."""
+    bad = (~torch.isfinite(loss.detach())).float()
+    if procs.world > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return not bad.item()
+
+
+def reduce_metrics(out: dict, procs: Processes) -> dict[str, float]:
+    """Scalar outputs averaged over processes."""
+    names = sorted(out)
+    values = torch.stack([out[n].detach().float() for n in names])
+    if procs.world > 1:
+        dist.all_reduce(values)
+        values /= procs.world
+    return dict(zip(names, values.tolist()))
+
+
+def save_step(
+    model: VLAModel, processor: Processor, config: TrainConfig, out_dir: Path, step: int, optimizer, scheduler
+) -> None:
+    """A resumable checkpoint: it appears, trainer state included, only once complete."""
+    save_checkpoint(
+        out_dir / "checkpoints" / f"step_{step:07d}",
+        model,
+        processor,
+        {"training": to_dict(config), "step": step},
+        also=lambda staging: save_training_state(staging, step, optimizer, scheduler),
+    )
+    for old in step_checkpoints(out_dir)[: -config.keep_checkpoints]:
+        shutil.rmtree(old)
+
+
+def evaluate(model: VLAModel, processor: Processor, config: TrainConfig) -> dict[str, float]:
+    """Closed-loop success rate per task on held-out seeds, with VLAPolicy in sim."""
+    if config.eval.episodes == 0:
+        return {}
+    policy = VLAPolicy(torch_runtime(model, processor, config.eval.decoder or None), execution=config.eval.execution)
+    results = run_episodes(
+        config.data.tasks,
+        lambda env: policy,
+        config.eval.episodes,
+        EVAL_SEED_OFFSET,
+        SimConfig.for_spec(policy.spec),
+        progress=False,
+    )
+    return {task: success_rate(rows) for task, rows in by_task(results).items()}
+
+
+class Logger:
+    """TensorBoard, metrics.jsonl and samples/s (measured without evaluation time). Resuming at
+    step s drops the records after s, which the resumed run writes again."""
+
+    def __init__(self, out_dir: Path, config: TrainConfig, start: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(to_dict(config))), sort_keys=False))
+        self.writer = SummaryWriter(str(out_dir / "tb"), purge_step=start or None)
+        path = out_dir / "metrics.jsonl"
+        kept = [line for line in _lines(path) if _step(line) is not None and _step(line) <= start]
+        path.write_text("".join(line + "\n" for line in kept))
+        self.metrics = path.open("a")
+        self.last_step, self.last_time, self.paused = start, time.perf_counter(), 0.0
+
+    def log(self, step: int, metrics: dict, lr: float, batch_size: int) -> None:
+        now = time.perf_counter()
+        samples_per_s = (step - self.last_step) * batch_size / max(now - self.last_time - self.paused, 1e-9)
+        self.last_step, self.last_time, self.paused = step, now, 0.0
+        record = {"step": step, **metrics, "lr": lr, "samples_per_s": samples_per_s}
+        for name, value in record.items():
+            if name != "step":
+                self.writer.add_scalar(f"train/{name}", value, step)
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+
+    def log_eval(self, step: int, success: dict[str, float]) -> None:
+        for task, rate in success.items():
+            self.writer.add_scalar(f"eval/success_{task}", rate, step)
+        if success:
+            self.metrics.write(json.dumps({"step": step, **{f"success_{t}": r for t, r in success.items()}}) + "\n")
+            self.metrics.flush()
+            tqdm.write(
+                f"step {step}: closed-loop success " + ", ".join(f"{t} {100 * r:.0f} %" for t, r in success.items())
+            )
+
+    def pause(self) -> None:
+        self._pause_start = time.perf_counter()
+
+    def resume(self) -> None:
+        self.paused += time.perf_counter() - self._pause_start
+
+    def close(self) -> None:
+        self.writer.close()
+        self.metrics.close()
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.is_file() else []
+
+
+def _step(line: str) -> int | None:
+    """The step of a metrics.jsonl record (None for a line a crash cut short)."""
+    try:
+        step = json.loads(line).get("step")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None

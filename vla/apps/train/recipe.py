@@ -1,0 +1,85 @@
+"""Training recipes: typed YAML (policies/configs/*.yaml), with `key.sub=value` overrides."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sim import TASKS
+from vla.config import apply_overrides, from_dict, read_yaml
+from vla.model.config import ModelConfig
+
+
+@dataclass
+class CollectConfig:
+    episodes: int = 0  # per task, recorded with the scripted expert if `dataset` is missing (0: never)
+    workers: int = 2
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "datasets/quickstart"  # a directory of episodes (vla collect)
+    tasks: tuple[str, ...] = ("reach",)  # recorded by `collect`, evaluated by `eval`
+    collect: CollectConfig = field(default_factory=CollectConfig)
+    image_shift: int = 0  # augmentation: shift training images by up to this many pixels (DrQ)
+
+
+@dataclass
+class OptimConfig:
+    steps: int = 2000
+    batch_size: int = 64  # global: split evenly across DDP processes
+    lr: float = 1e-3
+    min_lr: float = 1e-5  # cosine decay ends here
+    warmup_steps: int = 100  # linear warmup from 0
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0  # max gradient norm (0: off)
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # steps between closed-loop evaluations in sim (0: only at the end)
+    episodes: int = 10  # per task, on held-out seeds (vla.apps.rollout.EVAL_SEED_OFFSET + i)
+    decoder: str = ""  # "" = the model's first decoder
+    execution: str = "ensemble"  # how VLAPolicy executes action chunks
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    out_dir: str = "runs/quickstart"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch CPU threads (0: torch's default)
+    log_every: int = 10
+    save_every: int = 500  # steps between resumable checkpoints (the last step is always saved)
+    keep_checkpoints: int = 2  # older step checkpoints are deleted
+
+    def __post_init__(self):
+        o = self.optim
+        if o.steps <= 0 or o.batch_size <= 0 or o.lr <= 0 or o.warmup_steps < 0 or o.min_lr < 0 or o.grad_clip < 0:
+            raise ValueError("optim: steps, batch_size and lr must be positive; warmup_steps, min_lr, grad_clip >= 0")
+        if (
+            self.log_every <= 0
+            or self.save_every <= 0
+            or self.keep_checkpoints <= 0
+            or self.eval.every < 0
+            or self.eval.episodes < 0
+        ):
+            raise ValueError("log_every, save_every, keep_checkpoints must be positive; eval.every, eval.episodes >= 0")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        unknown = [t for t in self.data.tasks if t not in TASKS]
+        if unknown or not self.data.tasks:
+            raise ValueError(f"data.tasks: unknown task(s) {unknown}; choose from {sorted(TASKS)}")
+        if self.eval.decoder and self.eval.decoder not in self.model.decoders:
+            raise ValueError(
+                f"eval.decoder {self.eval.decoder!r} is not among model.decoders {list(self.model.decoders)}"
+            )
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    """The recipe at `path` with `key.sub=value` overrides (values parsed as YAML)."""
+    return from_dict(TrainConfig, apply_overrides(read_yaml(path), overrides), str(path))

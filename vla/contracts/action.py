@@ -1,0 +1,27 @@
+"""The action contract: float32[7] = (dx, dy, dz, droll, dpitch, dyaw, gripper), end-effector
+deltas per control step in the robot base frame (REP-103), gripper 1 = open, 0 = closed. The
+limits live here and nowhere else."""
+from __future__ import annotations
+
+import numpy as np
+
+ACTION_DIM = 7
+ACTION_NAMES = ("dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper")
+MAX_TRANSLATION = 0.05  # m per control step
+MAX_ROTATION = 0.3  # rad per control step
+ACTION_LOW = np.array([-MAX_TRANSLATION] * 3 + [-MAX_ROTATION] * 3 + [0.0], dtype=np.float32)
+ACTION_HIGH = np.array([MAX_TRANSLATION] * 3 + [MAX_ROTATION] * 3 + [1.0], dtype=np.float32)
+# The end effector is kept inside this box (base frame, metres) whatever the commands.
+WORKSPACE_LOW = np.array([0.15, -0.45, 0.005])
+WORKSPACE_HIGH = np.array([0.85, 0.45, 0.55])
+
+
+def clip_action(action) -> np.ndarray:
+    """The action (float32[7], or [..., 7] for several) inside the limits; ValueError on a wrong
+    shape or NaN/inf."""
+    a = np.asarray(action, dtype=np.float32)
+    if a.ndim == 0 or a.shape[-1] != ACTION_DIM:
+        raise ValueError(f"action must have shape ({ACTION_DIM},), got {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"action contains NaN or inf: {a.tolist()}")
+    return np.clip(a, ACTION_LOW, ACTION_HIGH)

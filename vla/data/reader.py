@@ -1,0 +1,289 @@
+"""Read one episode (a rosbag2 directory with MCAP storage, or a bare .mcap file) back into numpy,
+and align its streams to control steps: observation t = the latest message of each sensor at or
+before action t's stamp. /vla/action has no header, so an action's stamp is that of the twist
+published with it (the policy node stamps a twist with the camera frame it answers): a recorder
+that receives commands late then still pairs each with its own observation, not a newer one.
+
+Any bag with the standard topics works (sim or robot); every problem is an EpisodeError naming the
+file. Reading uses the `mcap` package with the standard ROS 2 message definitions: an order of
+magnitude faster than rosbags' AnyReader, which builds a typestore from every bag's embedded
+definitions (the tests use AnyReader as the independent reader).
+"""
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+
+import numpy as np
+import yaml
+from mcap.exceptions import McapError
+from mcap.reader import make_reader
+
+from vla.contracts.topics import MSG_TYPES, TOPICS
+from vla.data.messages import (
+    TYPESTORE,
+    action_from_msg,
+    image_from_msg,
+    imu_sample_from_msg,
+    stamp_from_header,
+    state_from_msg,
+)
+from vla.data.writer import CUSTOM_DATA_KEY
+from vla.images import fit_image
+
+REQUIRED_INFO = ("task", "instruction", "seed", "success", "steps", "control_hz")
+REQUIRED_TOPICS = ("image", "joint_states", "imu", "action")
+# Decoded topics (/vla/cmd_twist and /vla/gripper repeat /vla/action; only the twists' stamps are read).
+DECODED = REQUIRED_TOPICS + ("wrist_image", "instruction", "episode_info", "cmd_twist")
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+MCAP_MAGIC = b"\x89MCAP0\r\n"
+
+
+class EpisodeError(ValueError):
+    """A bag that cannot be used as an episode; the message names the file and the problem."""
+
+    def __init__(self, path: Path, problem: str):
+        super().__init__(f"{path}: {problem}")
+        self.path, self.problem = Path(path), problem
+
+
+@dataclass
+class Episode:
+    """The decoded streams of one bag, each with its stamps (ns)."""
+
+    path: Path
+    info: dict
+    images: list[np.ndarray]
+    image_stamps: np.ndarray
+    wrist_images: list[np.ndarray] | None
+    wrist_stamps: np.ndarray | None
+    states: np.ndarray  # float32[N, 15], from /joint_states
+    state_stamps: np.ndarray
+    imu: np.ndarray  # float64[M, 6], one row per /imu/data message
+    imu_stamps: np.ndarray
+    actions: np.ndarray  # float32[T, 7]
+    action_stamps: np.ndarray  # stamps of the observations the actions answer
+    instructions: list[str]
+    instruction_stamps: np.ndarray  # log times: std_msgs/String has no header
+    action_logged: np.ndarray  # the actions' log times, to compare with the instructions'
+
+    def __len__(self) -> int:
+        return len(self.actions)
+
+    def steps(self, image_size: int | None = None, imu_window: int | None = None) -> dict:
+        """Per-step arrays for training: images [T,S,S,3] (resized with INTER_AREA to image_size),
+        wrist_images (or None), states [T,15], imu [T,W,6], actions [T,7], instructions (T strings)."""
+        window = imu_window or int(self.info.get("imu_window", 12))
+        at = self.action_stamps
+        images = [self.images[i] for i in self._latest("image", self.image_stamps, at)]
+        wrist = None
+        if self.wrist_images is not None:
+            wrist = _stack(
+                [self.wrist_images[i] for i in self._latest("wrist_image", self.wrist_stamps, at)], image_size
+            )
+        last_imu = self._latest("imu", self.imu_stamps, at)
+        # Windows shorter than `window` (start of a recording) repeat their oldest sample.
+        rows = np.clip(last_imu[:, None] + np.arange(1 - window, 1)[None, :], 0, None)
+        instructions = [
+            self.instructions[i] if i >= 0 else self.info["instruction"]
+            for i in np.searchsorted(self.instruction_stamps, self.action_logged, side="right") - 1
+        ]
+        return {
+            "images": _stack(images, image_size),
+            "wrist_images": wrist,
+            "states": self.states[self._latest("joint_states", self.state_stamps, at)],
+            "imu": self.imu[rows].astype(np.float32),
+            "actions": self.actions,
+            "instructions": instructions,
+        }
+
+    def _latest(self, key: str, stamps: np.ndarray, at: np.ndarray) -> np.ndarray:
+        index = np.searchsorted(stamps, at, side="right") - 1
+        if index[0] < 0:
+            raise EpisodeError(self.path, f"no {TOPICS[key]} message at or before the first action")
+        return index
+
+
+def _stack(images: list[np.ndarray], size: int | None) -> np.ndarray:
+    if size is not None:
+        images = [fit_image(im, size) for im in images]
+    return np.stack(images)
+
+
+def bag_path(path: str | Path) -> Path:
+    """The path to open: a rosbag2 directory or a .mcap file; EpisodeError/FileNotFoundError otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"episode not found: {path}")
+    if path.is_dir() and not (path / "metadata.yaml").is_file():
+        raise EpisodeError(path, "not a rosbag2 directory (no metadata.yaml)")
+    if path.is_file() and path.suffix != ".mcap":
+        raise EpisodeError(path, "not a rosbag2 directory or .mcap file")
+    return path
+
+
+def read_episode(path: str | Path) -> Episode:
+    """Decode every stream of the bag at `path`."""
+    path = bag_path(path)
+    meta = _bag_metadata(path) if path.is_dir() else {}
+    streams: dict[str, list] = {key: [] for key in DECODED}
+    stamps: dict[str, list] = {key: [] for key in DECODED}
+    for file in _storage_files(path, meta):
+        _read_mcap(file, streams, stamps)
+    if not streams["action"]:
+        raise EpisodeError(path, f"empty episode: no {TOPICS['action']} messages")
+    silent = [TOPICS[k] for k in REQUIRED_TOPICS if not streams[k]]
+    if silent:
+        raise EpisodeError(path, f"missing topic(s) or no messages on {silent}")
+    info = _custom_info(path, meta) if meta else None
+    if info is None and streams["episode_info"]:
+        info = _parse_info(path, streams["episode_info"][-1])
+    if info is None:
+        raise EpisodeError(path, f"no episode metadata (custom_data {CUSTOM_DATA_KEY!r} or {TOPICS['episode_info']})")
+    return _episode(path, info, streams, stamps)
+
+
+def _bag_metadata(path: Path) -> dict:
+    file = path / "metadata.yaml"
+    try:
+        meta = yaml.load(file.read_text(), Loader=_YAML_LOADER)["rosbag2_bagfile_information"]
+        meta["relative_file_paths"]
+        return meta
+    except (yaml.YAMLError, KeyError, TypeError) as exc:
+        raise EpisodeError(file, f"invalid rosbag2 metadata: {exc!r}") from None
+
+
+def _storage_files(path: Path, meta: dict) -> list[Path]:
+    if path.is_file():
+        return [path]
+    storage = meta.get("storage_identifier")
+    if storage != "mcap":
+        raise EpisodeError(path, f"storage {storage!r} is not supported, only mcap (`ros2 bag convert` converts)")
+    if meta.get("compression_mode") or meta.get("compression_format"):
+        raise EpisodeError(
+            path, f"{meta.get('compression_mode')} compression is not supported (MCAP chunk compression is)"
+        )
+    files = [path / PurePath(name).name for name in meta["relative_file_paths"]]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise EpisodeError(path, f"storage file(s) missing: {missing}")
+    return files
+
+
+def _custom_info(path: Path, meta: dict) -> dict | None:
+    custom = meta.get("custom_data") or {}
+    return _parse_info(path, custom[CUSTOM_DATA_KEY]) if CUSTOM_DATA_KEY in custom else None
+
+
+def _parse_info(path: Path, text: str) -> dict:
+    try:
+        info = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise EpisodeError(path, f"episode metadata is not valid JSON: {exc}") from None
+    missing = [key for key in REQUIRED_INFO if key not in info] if isinstance(info, dict) else list(REQUIRED_INFO)
+    if missing:
+        raise EpisodeError(path, f"episode metadata lacks {missing}")
+    return info
+
+
+def _read_mcap(file: Path, streams: dict, stamps: dict) -> None:
+    """Append the decoded messages of the known topics in `file` to streams/stamps."""
+    keys = {TOPICS[key]: key for key in DECODED}
+    try:
+        with open(file, "rb") as f:
+            if f.read(8) != MCAP_MAGIC:
+                raise EpisodeError(file, "not an MCAP file (bad magic)")
+            f.seek(-8, 2)
+            if f.read(8) != MCAP_MAGIC:
+                raise EpisodeError(file, "truncated MCAP: no end magic (the recording did not finish)")
+            f.seek(0)
+            reader = make_reader(f)
+            _check_channels(file, reader.get_summary())
+            for schema, channel, message in reader.iter_messages(topics=list(keys)):
+                key = keys[channel.topic]
+                msg = TYPESTORE.deserialize_cdr(message.data, schema.name)
+                if key == "cmd_twist":  # ordered by when it was logged, beside the action logged with it
+                    stamps[key].append(message.log_time)
+                    streams[key].append(stamp_from_header(msg.header))
+                    continue
+                stamps[key].append(stamp_from_header(msg.header) if hasattr(msg, "header") else message.log_time)
+                streams[key].append(_convert(file, key, msg))
+    except EpisodeError:
+        raise
+    except (McapError, struct.error, OSError, EOFError) as exc:
+        raise EpisodeError(file, f"cannot read MCAP (truncated or corrupt?): {exc!r}") from None
+    except (ValueError, KeyError, IndexError, TypeError, AssertionError) as exc:
+        raise EpisodeError(file, f"bad message: {exc!r}") from None
+
+
+def _check_channels(file: Path, summary) -> None:
+    if summary is None:
+        raise EpisodeError(file, "MCAP without summary section (not written by a rosbag2 writer?)")
+    keys = {topic: key for key, topic in TOPICS.items()}
+    for channel in summary.channels.values():
+        if channel.topic not in keys:
+            continue
+        expected, schema = MSG_TYPES[keys[channel.topic]], summary.schemas.get(channel.schema_id)
+        if channel.message_encoding != "cdr":
+            raise EpisodeError(file, f"{channel.topic}: message encoding {channel.message_encoding!r}, expected 'cdr'")
+        if schema is None or schema.name != expected:
+            raise EpisodeError(file, f"{channel.topic}: type {getattr(schema, 'name', None)}, expected {expected}")
+
+
+def _convert(file: Path, key: str, msg):
+    try:
+        if key in ("image", "wrist_image"):
+            return image_from_msg(msg)
+        converters = {"joint_states": state_from_msg, "imu": imu_sample_from_msg, "action": action_from_msg}
+        if key in converters:
+            return converters[key](msg)
+    except ValueError as exc:
+        raise EpisodeError(file, f"{TOPICS[key]}: {exc}") from None
+    return msg.data  # std_msgs/String
+
+
+def _episode(path: Path, info: dict, streams: dict, stamps: dict) -> Episode:
+    def ordered(key):  # messages sorted by stamp (log order may differ from header stamps on robots)
+        order = np.argsort(np.asarray(stamps[key], dtype=np.int64), kind="stable")
+        return [streams[key][i] for i in order], np.asarray(stamps[key], dtype=np.int64)[order]
+
+    images, image_stamps = ordered("image")
+    wrist, wrist_stamps = ordered("wrist_image") if streams["wrist_image"] else (None, None)
+    states, state_stamps = ordered("joint_states")
+    imu, imu_stamps = ordered("imu")
+    actions, action_logged = ordered("action")
+    twist_stamps, twist_logged = ordered("cmd_twist")
+    action_stamps = _answered_stamps(action_logged, twist_logged, np.asarray(twist_stamps, dtype=np.int64))
+    instructions, instruction_stamps = ordered("instruction")
+    return Episode(
+        path,
+        info,
+        images,
+        image_stamps,
+        wrist,
+        wrist_stamps,
+        np.stack(states),
+        state_stamps,
+        np.stack(imu),
+        imu_stamps,
+        np.stack(actions),
+        action_stamps,
+        instructions,
+        instruction_stamps,
+        action_logged,
+    )
+
+
+def _answered_stamps(action_logged: np.ndarray, twist_logged: np.ndarray, twist_stamps: np.ndarray) -> np.ndarray:
+    """Each action's stamp: the header stamp of the twist logged nearest to it (published with it;
+    twists of a holding policy node come without actions), or its own log time without twists."""
+    if not len(twist_logged):
+        return action_logged
+    after = np.clip(np.searchsorted(twist_logged, action_logged), 0, len(twist_logged) - 1)
+    before = np.clip(after - 1, 0, None)
+    nearest = np.where(
+        np.abs(twist_logged[after] - action_logged) < np.abs(twist_logged[before] - action_logged), after, before
+    )
+    return twist_stamps[nearest]

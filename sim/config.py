@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from sim.scene import COLOURS
 from vla.config import from_dict
 from vla.contracts.observation import CONTROL_HZ, IMAGE_SIZE, IMU_HZ, IMU_WINDOW, ObservationSpec
+
+CAMERA_JITTER = 0.02  # metres: the camera jitter that the randomisation name "jitter" turns on
+MAX_CAMERA_JITTER = 0.1  # metres: at this the picture moves by ~20 of 96 pixels, objects leave it
+RANDOMIZATIONS = ("lighting", "shades", "jitter")  # names of the domain-randomisation switches
 
 
 @dataclass(frozen=True)
@@ -21,9 +26,13 @@ class SimConfig:
     gui: bool = False  # PyBullet GUI window instead of DIRECT
     shadows: bool = False
     randomize_start: bool = True  # start each episode from a random arm pose
-    randomize_lighting: bool = False
-    randomize_shades: bool = False  # jitter each colour's RGB a little
-    camera_jitter: float = 0.0  # metres of random camera eye/target offset per episode
+    randomize_lighting: bool = False  # light direction and colour per episode
+    randomize_shades: bool = False  # each object's RGB moved by up to +-0.08 per channel
+    # Per episode, each coordinate of the scene camera's eye and of the point it looks at moves by
+    # a uniform offset in [-camera_jitter, camera_jitter] metres (0: a fixed camera; at most
+    # MAX_CAMERA_JITTER). The eye is 0.84 m from that point: 0.02 m (CAMERA_JITTER, what `jitter`
+    # turns on) shifts a 96 x 96 image by 3 pixels on average, 7 at most.
+    camera_jitter: float = 0.0
     colours: tuple[str, ...] = tuple(COLOURS)
     max_steps: int = 0  # 0: the task's own limit
 
@@ -47,8 +56,11 @@ class SimConfig:
             raise ValueError(f"unknown colour(s) {unknown}; choose from {sorted(COLOURS)}")
         if len(set(self.colours)) < 3:
             raise ValueError("SimConfig.colours needs at least 3 distinct colours (tasks use distractors)")
-        if self.camera_jitter < 0 or self.max_steps < 0:
-            raise ValueError("SimConfig.camera_jitter and max_steps must be >= 0")
+        if not 0 <= self.camera_jitter <= MAX_CAMERA_JITTER:
+            raise ValueError(f"SimConfig.camera_jitter must be in [0, {MAX_CAMERA_JITTER}] metres, "
+                             f"got {self.camera_jitter!r}")
+        if self.max_steps < 0:
+            raise ValueError(f"SimConfig.max_steps must be >= 0, got {self.max_steps!r}")
         object.__setattr__(self, "colours", tuple(self.colours))
 
     @property
@@ -69,3 +81,33 @@ class SimConfig:
     def from_dict(cls, values: dict, where: str = "SimConfig") -> SimConfig:
         """From a mapping (YAML, JSON), with one-line errors for unknown or ill-typed keys."""
         return from_dict(cls, values, where)
+
+
+def randomization(spec: str) -> dict:
+    """SimConfig settings for comma-separated randomisation names: `lighting`, `shades`, `jitter`
+    (CAMERA_JITTER metres) or `jitter=METRES`; `all` for every one, `none` or "" for none.
+    `SimConfig(**randomization("lighting,jitter=0.03"))`."""
+    switches = {
+        "lighting": {"randomize_lighting": True},
+        "shades": {"randomize_shades": True},
+        "jitter": {"camera_jitter": CAMERA_JITTER},
+    }
+    settings: dict = {}
+    for item in (part.strip() for part in spec.split(",")):
+        name, sep, value = item.partition("=")
+        if name == "jitter" and sep:
+            try:
+                metres = float(value)
+            except ValueError:
+                metres = math.nan
+            if not 0 <= metres <= MAX_CAMERA_JITTER:
+                raise ValueError(f"{item!r}: expected 0 to {MAX_CAMERA_JITTER} metres, e.g. jitter={CAMERA_JITTER}")
+            settings["camera_jitter"] = metres
+        elif not sep and name in (*switches, "all"):
+            for switch in switches if name == "all" else (name,):
+                for key, default in switches[switch].items():
+                    settings.setdefault(key, default)  # an explicit jitter=METRES stays
+        elif sep or name not in ("", "none"):
+            raise ValueError(f"unknown randomisation {item!r}; choose from {', '.join(RANDOMIZATIONS)} "
+                             "(jitter=METRES for another magnitude), all or none")
+    return settings

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import string
 
 import gymnasium as gym
 import numpy as np
@@ -26,6 +27,16 @@ VIDEO_SIZE = 256
 # Episodes start with the grasp point somewhere in this box (base frame, metres), so that a policy
 # cannot infer where to go from the arm's state alone.
 START_LOW, START_HIGH = np.array([0.35, -0.15, 0.18]), np.array([0.55, 0.15, 0.32])
+# Random streams of an episode besides its main one (np.random.default_rng(seed): start pose,
+# objects, instruction, IMU), each derived from the seed alone, so that a randomisation switch
+# never changes what another draws: a seed means the same scene whatever the switches.
+STREAMS = {"shades": 1, "camera": 2, "lighting": 3}
+RESET_OPTIONS = ("instruction",)
+
+
+def stream(seed: int, purpose: str) -> np.random.Generator:
+    """The episode's random stream for `purpose` (one of STREAMS), independent of the main one."""
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(STREAMS[purpose],)))
 
 
 def observation_space(spec: ObservationSpec) -> gym.spaces.Dict:
@@ -44,8 +55,20 @@ def observation_space(spec: ObservationSpec) -> gym.spaces.Dict:
 
 class TabletopEnv(gym.Env):
     """A Panda on a table, one language-conditioned task. Observations and actions follow
-    vla.contracts. Each reset rebuilds the world from scratch
-    (resetSimulation), so an episode depends only on its seed: info["seed"] replays it."""
+    vla.contracts. Each reset rebuilds the world from scratch (resetSimulation), so an episode
+    depends only on its seed and options: info["seed"] replays it. The randomisation switches of
+    SimConfig (lighting, shades, camera jitter) draw from streams of their own, so a seed gives the
+    same objects, colours, instruction and start pose whichever of them are on.
+
+    `reset(seed=..., options=...)` takes these options, for that episode only:
+    - "instruction": str, the instruction instead of the task's own phrasing. Fields in braces are
+      filled in from the episode's scene: {colour} and {shape} of the object the task is about,
+      and the task's own words ({bin_colour} for place, {place} for push: "to the left"), e.g.
+      "grab the {colour} {shape}". The result must be a valid instruction (INSTRUCTION_CHARSET,
+      at most INSTRUCTION_MAX_LENGTH characters). It changes the words, not the goal: success
+      and info["target"] stay the task's. (Setting `env.instruction` after a reset also works;
+      the option does it before the first observation.)
+    """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10}  # noqa: RUF012 (gymnasium's convention)
 
@@ -70,6 +93,14 @@ class TabletopEnv(gym.Env):
 
     # ---- gymnasium API --------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict | None = None):
+        """A new episode: the world rebuilt for `seed` (None: the next of this env's seeds).
+        `options`: see the class docstring (unknown ones are refused)."""
+        if not isinstance(options, (dict, type(None))):
+            raise ValueError(f"reset options must be a dict, got {type(options).__name__}")
+        options = options or {}
+        unknown = sorted(set(options) - set(RESET_OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown reset option(s) {unknown}; known: {list(RESET_OPTIONS)}")
         super().reset(seed=seed)
         if seed is not None:
             self._seeds = np.random.default_rng(seed)
@@ -78,6 +109,8 @@ class TabletopEnv(gym.Env):
             self.episode_seed = int(self._seeds.integers(2**31))
         rng = np.random.default_rng(self.episode_seed)
         self._build_world(rng)
+        if "instruction" in options:
+            self.instruction = self._phrase(options["instruction"])
         self.steps, self.touched = 0, None
         self._settle()
         return self._observation(), self._info(False)
@@ -113,17 +146,45 @@ class TabletopEnv(gym.Env):
         self.scene = Scene(c)
         self.scene.build_table()
         self.robot = Panda(c)
+        start = rng.uniform(START_LOW, START_HIGH), rng.uniform(-0.4, 0.4)  # drawn either way: same objects
         if cfg.randomize_start:
-            self.robot.reset_to(rng.uniform(START_LOW, START_HIGH), rng.uniform(-0.4, 0.4))
-        colours = list(cfg.colours)
-        self.instruction = self.task.build(self.scene, rng, colours, cfg.randomize_shades)
-        jitter = rng.uniform(-cfg.camera_jitter, cfg.camera_jitter, (2, 3)) if cfg.camera_jitter else np.zeros((2, 3))
+            self.robot.reset_to(*start)
+        shades = stream(self.episode_seed, "shades") if cfg.randomize_shades else None
+        self.instruction = self.task.build(self.scene, rng, list(cfg.colours), shades)
+        jitter = np.zeros((2, 3))
+        if cfg.camera_jitter:
+            jitter = stream(self.episode_seed, "camera").uniform(-cfg.camera_jitter, cfg.camera_jitter, (2, 3))
         self.camera.look_at(SCENE_EYE + jitter[0], SCENE_TARGET + jitter[1])
         if cfg.randomize_lighting:
-            self.camera.light_direction = tuple(rng.uniform([-1, -1, 0.6], [1, 1, 1.4]))
-            self.camera.light_colour = tuple(rng.uniform(0.75, 1.0, 3))
+            light = stream(self.episode_seed, "lighting")
+            self.camera.light_direction = tuple(light.uniform([-1, -1, 0.6], [1, 1, 1.4]))
+            self.camera.light_colour = tuple(light.uniform(0.75, 1.0, 3))
         self.imu = Imu(c, self.robot.body, HAND_LINK, cfg.imu_hz, cfg.imu_window, rng, cfg.imu_noise)
         self._imu_every = cfg.physics_hz // cfg.imu_hz
+
+    def _phrase(self, template) -> str:
+        """The instruction option for this episode: `template` with its fields filled in."""
+        if not isinstance(template, str):
+            raise ValueError(f"reset option 'instruction' must be a str, got {type(template).__name__}")
+        target = self.task.target
+        words = {"colour": target.colour, "shape": target.shape, **self.task.words}
+        try:
+            fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+        except ValueError as exc:  # an unmatched brace
+            raise ValueError(f"instruction {template!r}: {exc}") from None
+        unknown = [field for field in fields if field not in words]
+        if unknown:
+            raise ValueError(
+                f"instruction {template!r}: unknown field(s) {unknown}; the {self.task.name} task fills {sorted(words)}"
+            )
+        instruction = template.format(**words)
+        if not instruction.strip() or len(instruction) > INSTRUCTION_MAX_LENGTH:
+            raise ValueError(f"instruction {instruction!r}: expected 1 to {INSTRUCTION_MAX_LENGTH} characters")
+        bad = "".join(sorted(set(instruction) - set(INSTRUCTION_CHARSET)))
+        if bad:
+            raise ValueError(f"instruction {instruction!r}: characters {bad!r} are not allowed (allowed: letters, "
+                             f"digits and {''.join(c for c in INSTRUCTION_CHARSET if not c.isalnum())!r})")
+        return instruction
 
     def _settle(self) -> None:
         """Let objects come to rest and fill the IMU window before the first observation."""

@@ -20,6 +20,7 @@ BALL_RADIUS = 0.025
 CYLINDER_RADIUS, CYLINDER_HALF = 0.02, 0.03
 BIN_INNER_HALF, BIN_WALL, BIN_HEIGHT = 0.06, 0.01, 0.04
 TABLE_RGBA = (0.62, 0.50, 0.38, 1.0)
+SHADE_JITTER = 0.08  # per RGB channel, with SimConfig.randomize_shades
 # Objects are placed in this region of the table (base frame, metres).
 OBJECT_REGION_LOW = np.array([0.38, -0.22])
 OBJECT_REGION_HIGH = np.array([0.68, 0.22])
@@ -139,8 +140,9 @@ def sample_positions(
     raise RuntimeError(f"cannot place {n} objects {min_distance} m apart in the object region")
 
 
-def shade(rng: np.random.Generator, colour: str, jitter: bool) -> tuple[float, float, float]:
+def shade(colour: str, rng: np.random.Generator | None = None) -> tuple[float, float, float]:
+    """The colour's RGB, each channel moved by up to +-SHADE_JITTER with `rng` (None: exact)."""
     rgb = np.array(COLOURS[colour])
-    if jitter:
-        rgb = np.clip(rgb + rng.uniform(-0.08, 0.08, 3), 0, 1)
+    if rng is not None:
+        rgb = np.clip(rgb + rng.uniform(-SHADE_JITTER, SHADE_JITTER, 3), 0, 1)
     return tuple(float(v) for v in rgb)

@@ -40,22 +40,25 @@ class Task:
 
     def __init__(self):
         self.target: SceneObject | None = None
+        self.words: dict[str, str] = {}  # the fields of this episode's instruction ({colour}: "red")
 
-    def build(self, scene: Scene, rng: np.random.Generator, colours, shades: bool) -> str:
-        """Add the task's objects to the scene and return the instruction."""
+    def build(self, scene: Scene, rng: np.random.Generator, colours, shades: np.random.Generator | None) -> str:
+        """Add the task's objects to the scene and return the instruction. Objects' colours are
+        shaded with `shades`, a stream of their own (None: exact colours)."""
         raise NotImplementedError
 
     def success(self, scene: Scene, ee_position: np.ndarray, gripper_body: int) -> bool:
         raise NotImplementedError
 
     def phrase(self, rng: np.random.Generator, **words) -> str:
+        self.words = words
         return self.templates[rng.integers(len(self.templates))].format(**words)
 
 
 def _cubes(scene, rng, colours, shades, positions) -> list[SceneObject]:
     chosen = rng.choice(len(colours), size=len(positions), replace=False)
     return [
-        scene.add_object("cube", colours[i], shade(rng, colours[i], shades), xy, rng.uniform(-np.pi / 4, np.pi / 4))
+        scene.add_object("cube", colours[i], shade(colours[i], shades), xy, rng.uniform(-np.pi / 4, np.pi / 4))
         for i, xy in zip(chosen, positions)
     ]
 
@@ -72,7 +75,7 @@ class Reach(Task):
             scene.add_object(
                 SHAPES[rng.integers(len(SHAPES))],
                 colours[i],
-                shade(rng, colours[i], shades),
+                shade(colours[i], shades),
                 xy,
                 rng.uniform(-np.pi, np.pi),
             )
@@ -157,7 +160,7 @@ class Place(Task):
         positions = sample_positions(rng, 5, 0.13, *PLACE_REGION)
         bin_colours = rng.choice(len(colours), size=2, replace=False)
         bins = [
-            scene.add_bin(colours[i], shade(rng, colours[i], shades), xy) for i, xy in zip(bin_colours, positions[:2])
+            scene.add_bin(colours[i], shade(colours[i], shades), xy) for i, xy in zip(bin_colours, positions[:2])
         ]
         self.target = _cubes(scene, rng, colours, shades, positions[2:])[0]
         self.bin = bins[0]

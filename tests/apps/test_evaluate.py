@@ -6,6 +6,7 @@ import json
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from policies import CHECKPOINT_DIR
 from vla.apps.rollout import EVAL_SEED_OFFSET
@@ -50,3 +51,27 @@ def test_vla_demo_runs_the_shipped_checkpoint_on_its_tasks(tmp_path):
     meta = json.loads((checkpoint / "config.json").read_text())
     assert [e["task"] for e in episodes] == list(meta["training"]["data"]["tasks"])
     assert all(e["seed"] == EVAL_SEED_OFFSET for e in episodes) and cv2.VideoCapture(str(video)).read()[0]
+
+
+def test_vla_eval_under_randomisation_with_other_words(tmp_path):
+    """`vla eval --randomize ... --instruction ... --threads N`: the same held-out scenes (targets)
+    as a plain evaluation, told in the given words, and the settings in the report."""
+    checkpoint = CHECKPOINT_DIR / "default"
+    if not checkpoint.is_dir():
+        pytest.skip(f"no shipped checkpoint at {checkpoint}")
+    common = ["eval", "--checkpoint", str(checkpoint), "--task", "reach", "--episodes", "2", "--device", "cpu",
+              "--video-episodes", "0"]
+    threads = torch.get_num_threads()
+    try:
+        assert vla_main([*common, "--out", str(tmp_path / "plain")]) == 0
+        assert vla_main([*common, "--out", str(tmp_path / "varied"), "--randomize", "all,jitter=0.01",
+                         "--instruction", "move to the {colour} {shape}", "--threads", "2"]) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    plain, varied = (json.loads((tmp_path / name / "report.json").read_text()) for name in ("plain", "varied"))
+    assert varied["randomize"] == {"randomize_lighting": True, "randomize_shades": True, "camera_jitter": 0.01}
+    assert varied["instruction"] == "move to the {colour} {shape}" and varied["threads"] == 2
+    assert plain["randomize"] == {} and plain["instruction"] is None and plain["threads"] == 1
+    assert [e["target"] for e in varied["episodes"]] == [e["target"] for e in plain["episodes"]]
+    assert [e["instruction"] for e in varied["episodes"]] == [f"move to the {e['target']}" for e in plain["episodes"]]

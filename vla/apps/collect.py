@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from policies import load_policy
 from sim import SimConfig, make_env
-from vla.apps.rollout import parse_tasks
+from vla.apps.rollout import add_randomize_argument, parse_tasks, randomize_settings
 from vla.data.dataset import DatasetWriter, dir_bytes, partial_episode, publish_episode
 from vla.data.record import record_episode, versions
 
@@ -52,12 +52,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=SimConfig.image_size)
     parser.add_argument("--wrist-camera", action="store_true")
     parser.add_argument("--max-steps", type=int, default=0, help="episode step limit (0: the task's own)")
+    add_randomize_argument(parser)
 
 
 def run(args) -> int:
     if args.episodes <= 0 or args.workers <= 0:
         raise ValueError("--episodes and --workers must be positive")
-    config = SimConfig(image_size=args.image_size, wrist_camera=args.wrist_camera, max_steps=args.max_steps)
+    config = SimConfig(image_size=args.image_size, wrist_camera=args.wrist_camera, max_steps=args.max_steps,
+                       **randomize_settings(args))
     start = time.perf_counter()
     infos = record_dataset(args.out, parse_tasks(args.task), args.episodes, args.policy, config, args.seed, args.append,
                            args.workers)

@@ -6,7 +6,14 @@ from __future__ import annotations
 import argparse
 
 from policies import CHECKPOINT_DIR
-from vla.apps.rollout import EVAL_SEED_OFFSET, parse_tasks, report, run_policy
+from vla.apps.rollout import (
+    EVAL_SEED_OFFSET,
+    add_episode_arguments,
+    episode_settings,
+    parse_tasks,
+    report,
+    run_policy,
+)
 from vla.model.checkpoint import trained_tasks
 
 DEFAULT_CHECKPOINT = CHECKPOINT_DIR / "default"
@@ -21,14 +28,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--video", default="outputs/demo.mp4")
     parser.add_argument("--video-episodes", type=int, default=2)
     parser.add_argument("--report", default="outputs/demo.json")
+    add_episode_arguments(parser)
 
 
 def run(args) -> int:
+    settings = episode_settings(args)
     if args.task:
         tasks = parse_tasks(args.task)
     else:
         tasks = parse_tasks("all") if args.policy in ("expert", "random") else trained_tasks(args.policy)
-    results = run_policy(args.policy, tasks, args.episodes, EVAL_SEED_OFFSET, args.video, args.video_episodes)
+    results = run_policy(args.policy, tasks, args.episodes, EVAL_SEED_OFFSET, args.video, args.video_episodes,
+                         instruction=args.instruction, threads=args.threads, **settings)
     report(results, f"{args.policy} policy", args.report)
     print(f"video: {args.video}")
     return 0

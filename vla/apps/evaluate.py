@@ -1,5 +1,8 @@
 """`vla eval --checkpoint DIR [--task T] --episodes N`: closed-loop evaluation on held-out seeds.
 
+`--randomize lighting,shades,jitter` evaluates under domain randomisation (the same scenes per
+seed), `--instruction "grab the {colour} {shape}"` with other words than the task's own.
+
 Prints success and language grounding per task (grounding: the first object the gripper reaches
 is the instructed one, among distractors of other colours), writes rollout videos and a JSON
 report with per-episode results, the runtime that ran and its mean latency per control step.
@@ -19,7 +22,9 @@ from policies.vla_policy import VLAPolicy
 from sim import SimConfig
 from vla.apps.rollout import (
     EVAL_SEED_OFFSET,
+    add_episode_arguments,
     by_task,
+    episode_settings,
     grounding_rate,
     parse_tasks,
     run_episodes,
@@ -56,22 +61,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--execution", default="ensemble", choices=("ensemble", "chunk"))
     parser.add_argument("--out", default="outputs/eval", help="directory for report.json and rollouts.mp4")
     parser.add_argument("--video-episodes", type=int, default=2, help="episodes per task in the video (0: none)")
+    add_episode_arguments(parser)
 
 
 def run(args) -> int:
     if args.episodes <= 0:
         raise ValueError(f"--episodes must be positive, got {args.episodes}")
+    randomize = episode_settings(args)
     tasks = parse_tasks(args.task) if args.task else trained_tasks(args.checkpoint)
     policy = TimedPolicy(VLAPolicy.from_checkpoint(args.checkpoint, args.backend, args.device, args.decoder,
-                                                   execution=args.execution))
-    sim = SimConfig.for_spec(policy.policy.spec)
+                                                   threads=args.threads, execution=args.execution))
+    sim = SimConfig.for_spec(policy.policy.spec, **randomize)
     out = Path(args.out)
     video = out / "rollouts.mp4" if args.video_episodes else None
-    results = run_episodes(tasks, lambda env: policy, args.episodes, args.seed, sim, video, args.video_episodes)
+    results = run_episodes(tasks, lambda env: policy, args.episodes, args.seed, sim, video, args.video_episodes,
+                           instruction=args.instruction)
     Console().print(success_table(results, f"{args.checkpoint} ({policy.policy.runtime.name})"))
     report = {
         "checkpoint": str(args.checkpoint), "runtime": policy.policy.runtime.name, "execution": args.execution,
         "seeds": [args.seed, args.seed + args.episodes - 1],
+        "randomize": randomize, "instruction": args.instruction, "threads": args.threads,
         "success": {task: success_rate(rows) for task, rows in by_task(results).items()},
         "grounding": {task: grounding_rate(rows) for task, rows in by_task(results).items()},
         "latency_ms": {"mean": 1e3 * float(np.mean(policy.seconds)), "p50": 1e3 * float(np.median(policy.seconds))},

@@ -1,6 +1,7 @@
 """Closed-loop rollouts in sim: run a policy on tasks for N episodes, tabulate success, film it.
 
 `vla sim --task all --policy expert --episodes 20 --video outputs/expert.mp4`
+`vla sim --policy CKPT --randomize lighting,shades,jitter --instruction "grab the {colour} {shape}"`
 """
 from __future__ import annotations
 
@@ -17,11 +18,17 @@ from tqdm import tqdm
 
 from policies import load_policy
 from sim import TASKS, SimConfig, make_env
+from sim.config import CAMERA_JITTER, randomization
 from vla.apps.video import annotate, write_video
 from vla.contracts.observation import ObservationSpec
 
 # Training data uses seeds from 0; evaluation uses seeds from here, so they never overlap.
 EVAL_SEED_OFFSET = 1_000_000
+# CPU threads for a checkpoint's inference in the jobs. One: a batch-1 control step of these models
+# gains little from intra-op parallelism, and on a CPU shared with other work (the simulator,
+# other jobs) more threads busy-wait for each other (the default checkpoint on a loaded 2-core
+# machine, p50 per step: 21 ms with 1 thread, 407 ms with 2). `--threads 0`: the backend's default.
+THREADS = 1
 
 
 @dataclass
@@ -35,8 +42,9 @@ class EpisodeResult:
     touched: str | None  # the object the gripper reached first (None: none)
 
 
-def run_episode(env, policy, seed: int, frames: list | None = None) -> EpisodeResult:
-    obs, info = env.reset(seed=seed)
+def run_episode(env, policy, seed: int, frames: list | None = None, instruction: str | None = None) -> EpisodeResult:
+    """One episode; `instruction` replaces the task's own (a template: sim.env.TabletopEnv)."""
+    obs, info = env.reset(seed=seed, options=None if instruction is None else {"instruction": instruction})
     policy.reset(obs["instruction"])
     success, steps = False, 0
     while True:
@@ -63,16 +71,20 @@ def run_episodes(
     video: str | Path | None = None,
     video_episodes: int = 2,
     progress: bool = True,
+    instruction: str | None = None,
 ) -> list[EpisodeResult]:
-    """`make_policy(env)` builds the policy for one task's env. Seeds are seed, seed+1, ..."""
+    """`make_policy(env)` builds the policy for one task's env. Seeds are seed, seed+1, ...
+    `instruction`: every episode's instead of the task's own (None: the task's)."""
     results, frames = [], []
     for task in tasks:
         env = make_env(task, config, render_mode="rgb_array" if video else None)
-        policy = make_policy(env)
-        for i in tqdm(range(episodes), desc=task, disable=not progress, leave=False):
-            film = frames if video and i < video_episodes else None
-            results.append(run_episode(env, policy, seed + i, film))
-        env.close()
+        try:
+            policy = make_policy(env)
+            for i in tqdm(range(episodes), desc=task, disable=not progress, leave=False):
+                film = frames if video and i < video_episodes else None
+                results.append(run_episode(env, policy, seed + i, film, instruction))
+        finally:
+            env.close()
     if video:
         write_video(video, frames)
     return results
@@ -86,11 +98,14 @@ def run_policy(
     video: str | Path | None = None,
     video_episodes: int = 2,
     progress: bool = True,
+    instruction: str | None = None,
+    threads: int = 0,
     **settings,
 ) -> list[EpisodeResult]:
     """Run `policy` ('expert', 'random' or a checkpoint directory) for `episodes` per task from
-    `seed` on. A checkpoint's policy gets the observations its model takes; `settings` are the
-    other SimConfig fields (and image_size etc. for the expert and random policies)."""
+    `seed` on. A checkpoint's policy gets the observations its model takes and runs on `threads`
+    CPU threads (0: the backend's default); `settings` are the other SimConfig fields (and
+    image_size etc. for the expert and random policies). `instruction`: see run_episodes."""
     if policy in ("expert", "random"):
         return run_episodes(
             tasks,
@@ -101,11 +116,12 @@ def run_policy(
             video,
             video_episodes,
             progress,
+            instruction,
         )
-    loaded = load_policy(policy)
+    loaded = load_policy(policy, threads=threads)
     observed = {f.name for f in dataclasses.fields(ObservationSpec)}
     config = SimConfig.for_spec(loaded.spec, **{k: v for k, v in settings.items() if k not in observed})
-    return run_episodes(tasks, lambda env: loaded, episodes, seed, config, video, video_episodes, progress)
+    return run_episodes(tasks, lambda env: loaded, episodes, seed, config, video, video_episodes, progress, instruction)
 
 
 def success_table(results: list[EpisodeResult], title: str = "success") -> Table:
@@ -146,6 +162,49 @@ def parse_tasks(spec: str) -> list[str]:
     return tasks
 
 
+def add_randomize_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--randomize",
+        default="",
+        metavar="NAMES",
+        help="domain randomisation, comma-separated: lighting, shades (object colours), jitter (camera, "
+        f"{CAMERA_JITTER} m; jitter=METRES for another magnitude) or all. A seed keeps its scene either way",
+    )
+
+
+def add_episode_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of how episodes run, shared by `vla sim`, `vla eval` and `vla demo`."""
+    add_randomize_argument(parser)
+    parser.add_argument(
+        "--instruction",
+        help="every episode's instruction instead of the task's own; {colour} and {shape} (the object the task "
+        "is about), {bin_colour} (place) and {place} (push) are filled in: 'grab the {colour} {shape}'. "
+        "Success is still judged on the task's object",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=THREADS,
+        help=f"CPU threads for a checkpoint's inference (default {THREADS}: fastest on a shared CPU; "
+        "0: the backend's default, one per core)",
+    )
+
+
+def randomize_settings(args) -> dict:
+    """The SimConfig switches that --randomize names (a one-line error for others)."""
+    try:
+        return randomization(args.randomize)
+    except ValueError as exc:
+        raise ValueError(f"--randomize: {exc}") from None
+
+
+def episode_settings(args) -> dict:
+    """The SimConfig switches of --randomize, after checking --threads."""
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0 (0: the backend's default), got {args.threads}")
+    return randomize_settings(args)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", default="expert", help="expert | random | a checkpoint directory")
     parser.add_argument("--task", default="all", help=f"comma-separated tasks or 'all' ({', '.join(TASKS)})")
@@ -161,6 +220,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--video", help="write the first episodes of each task to this .mp4/.gif")
     parser.add_argument("--video-episodes", type=int, default=2)
     parser.add_argument("--report", help="write per-episode results to this JSON file")
+    add_episode_arguments(parser)
 
 
 def report(results: list[EpisodeResult], title: str, path: str | None) -> None:
@@ -173,6 +233,7 @@ def report(results: list[EpisodeResult], title: str, path: str | None) -> None:
 def run(args) -> int:
     if args.episodes <= 0:
         raise ValueError(f"--episodes must be positive, got {args.episodes}")
+    settings = episode_settings(args)
     results = run_policy(
         args.policy,
         parse_tasks(args.task),
@@ -180,8 +241,11 @@ def run(args) -> int:
         args.seed,
         args.video,
         args.video_episodes,
+        instruction=args.instruction,
+        threads=args.threads,
         image_size=args.image_size,
         gui=args.gui,
+        **settings,
     )
     report(results, f"{args.policy} policy", args.report)
     if args.video:

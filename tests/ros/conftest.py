@@ -241,7 +241,8 @@ class Received:
 class FakeRobot:
     """Publishes camera (raw, and jpeg on <camera>/compressed as image_transport does), joint states
     and IMU like a robot's drivers (20 Hz, IMU 6x faster), and the instruction (latched).
-    `bad[stream]` replaces a stream's messages while set."""
+    `bad[stream]` replaces a stream's messages while set; `clock_offset` [ns] is added to the stamps
+    (a robot computer whose clock is off)."""
 
     def __init__(self, ros: Harness):
         node = ros.node
@@ -256,10 +257,11 @@ class FakeRobot:
         self.show(np.full((96, 96, 3), 128, np.uint8), "rgb8")
         self.last_frame = 0.0  # when the newest camera message was published [s, monotonic]
         self.bad: dict[str, object] = {}
+        self.clock_offset = 0
         node.create_timer(0.05, self.publish)
 
     def now(self) -> int:
-        return self.ros.node.get_clock().now().nanoseconds
+        return self.ros.node.get_clock().now().nanoseconds + self.clock_offset
 
     def show(self, rgb: np.ndarray, encoding: str) -> None:
         """Camera frames from now on: `rgb` sent in `encoding`, and as jpeg."""

@@ -139,12 +139,12 @@ def test_commands_are_clamped_and_nan_rejected():
 
 
 def good_inputs(now: int) -> Inputs:
-    inputs = Inputs(imu_window=3, max_age_ns=200_000_000)
+    inputs = Inputs(imu_window=3, max_age_ns=200_000_000, max_ahead_ns=100_000_000)
     inputs.instruction = "touch the red cube"
-    inputs.update("camera", now, lambda: IMAGE)
-    inputs.update("joint_states", now, lambda: np.zeros(15, np.float32))
+    inputs.update("camera", now, now, lambda: IMAGE)
+    inputs.update("joint_states", now, now, lambda: np.zeros(15, np.float32))
     for k in range(3):
-        inputs.update("imu", now - (2 - k), lambda k=k: np.full(6, k, np.float64))
+        inputs.update("imu", now - (2 - k), now, lambda k=k: np.full(6, k, np.float64))
     return inputs
 
 
@@ -160,22 +160,35 @@ def test_watchdog_reasons_and_recovery():
     def bad():
         raise InputError("unsupported encoding 'yuv422'")
 
-    assert not inputs.update("camera", now, bad)
+    assert not inputs.update("camera", now, now, bad)
     assert inputs.problem(now) == ("camera:invalid", "camera: unsupported encoding 'yuv422'")
-    assert inputs.update("camera", now, lambda: IMAGE) and inputs.problem(now) is None
+    assert inputs.update("camera", now, now, lambda: IMAGE) and inputs.problem(now) is None
 
-    fresh = Inputs(imu_window=3, max_age_ns=1)
+    fresh = Inputs(imu_window=3, max_age_ns=1, max_ahead_ns=1)
     assert fresh.problem(0)[0] == "instruction:missing"
     fresh.instruction = "x"
     assert fresh.problem(0)[0] == "camera:missing"
+
+
+def test_ages_count_from_arrival_and_stamps_far_off_are_invalid():
+    now = 10_000_000_000
+    inputs = good_inputs(now)
+    ahead = now + 100_000_000  # as far ahead as allowed: good, and it ages from its arrival
+    assert inputs.update("camera", ahead, now, lambda: IMAGE)
+    assert inputs.problem(now + 200_000_001)[0] == "camera:stale"
+    assert not inputs.update("camera", ahead + 1, now, lambda: IMAGE)
+    assert "ahead of this node's clock" in inputs.problem(now)[1]
+    assert inputs.update("camera", now - 200_000_000, now, lambda: IMAGE) and inputs.problem(now) is None
+    assert not inputs.update("camera", now - 200_000_001, now, lambda: IMAGE)
+    assert "200 ms before it arrived" in inputs.problem(now)[1]
 
 
 def test_synchronized_observations():
     now = 10_000_000_000
     inputs = good_inputs(now)
     assert not inputs.synchronized(now)  # already acted on
-    inputs.update("camera", now + 1, lambda: IMAGE)
+    inputs.update("camera", now + 1, now + 1, lambda: IMAGE)
     assert not inputs.synchronized(now)  # joint states and IMU not as new yet
-    inputs.update("joint_states", now + 1, lambda: np.zeros(15, np.float32))
-    inputs.update("imu", now + 1, lambda: np.zeros(6))
+    inputs.update("joint_states", now + 1, now + 1, lambda: np.zeros(15, np.float32))
+    inputs.update("imu", now + 1, now + 1, lambda: np.zeros(6))
     assert inputs.synchronized(now)

@@ -47,12 +47,60 @@ def test_watchdog_holds_when_the_camera_stops_and_resumes(ros, policy_with_robot
     ros.spin_for(0.5)
     assert all(ros.is_zero(t) for when, t in twists if when > first_zero), "moved while the camera was off"
     ros.spin_until(
-        lambda: reasons and "camera is" in reasons[-1] and "old" in reasons[-1], 2.0, "diagnostics saying why"
+        lambda: reasons and "camera is stale" in reasons[-1], 2.0, "diagnostics saying why"
     )
     robot.camera_on = True
     ros.moving_again(twists, "commands after the camera came back")
     ros.spin_until(lambda: reasons[-1] == "", 2.0, "diagnostics no longer holding")
-    assert ros.log("policy_node").count("holding: camera is") == 1, "the reason is logged once"
+    assert ros.log("policy_node").count("holding: camera is stale") == 1, "the reason is logged once"
+
+
+def test_a_stream_stamped_ahead_goes_stale_when_it_stops(ros):
+    """Inputs stamped 3 s ahead of the node's clock (accepted here: max_future_stamp 10 s) that stop
+    make the node hold as inputs stamped now would: their age counts from when they arrived."""
+    ros.start("policy_node", policy="random", trigger="timer", control_rate_hz=1 / PERIOD, max_future_stamp=10.0)
+    robot = ros.fake_robot()
+    robot.clock_offset = 3_000_000_000
+    twists = ros.twists()
+    robot.instruction.publish(String(data="touch the red cube"))
+    ros.moving_again(twists, "the policy's first commands", timeout=30)
+    robot.camera_on = False
+    ros.spin_for(0.01)
+    last_frame, start = robot.last_frame, len(twists)
+    ros.spin_until(lambda: any(ros.is_zero(t) for _, t in twists[start:]), 2.0, "a zero twist")
+    first_zero = next(when for when, t in twists[start:] if ros.is_zero(t))
+    # due after 2 control periods (max_input_age) + one tick; measured from the stamps it would be 3 s later
+    assert first_zero - last_frame <= 1.0, f"zero twist {first_zero - last_frame:.3f} s after the last frame"
+    ros.spin_for(0.5)
+    assert all(ros.is_zero(t) for when, t in twists if when > first_zero), "moved while the camera was off"
+
+
+def test_stamps_far_from_the_node_clock_are_invalid(ros, policy_with_robot):
+    """A robot whose stamps are 3 s ahead or 1 s behind the node's clock gets a hold, saying why."""
+    robot, twists, reasons = policy_with_robot
+    for offset, reason in ((3_000_000_000, "ms ahead of this node's clock"), (-1_000_000_000, "before it arrived")):
+        robot.clock_offset = offset
+        start = len(reasons)
+        ros.spin_until(lambda reason=reason, start=start: any(reason in r for r in reasons[start:]), 2.0,
+                       f"holding on stamps {offset} ns off")
+        ros.spin_for(2 * PERIOD)
+        assert ros.is_zero(twists[-1][1]), f"moving on stamps {offset} ns off"
+        robot.clock_offset = 0
+        ros.moving_again(twists, f"commands after stamps {offset} ns off")
+    assert ros.log("policy_node").count("ms ahead of this node's clock") == 1, "the reason is logged once"
+
+
+def test_an_empty_instruction_holds(ros, policy_with_robot):
+    robot, twists, reasons = policy_with_robot
+    for text in ("", " \t\n"):
+        start = len(reasons)
+        robot.instruction.publish(String(data=text))
+        ros.spin_until(lambda start=start: any("empty instruction" in r for r in reasons[start:]), 2.0,
+                       f"holding on {text!r}")
+        ros.spin_for(2 * PERIOD)
+        assert ros.is_zero(twists[-1][1]), f"moving with the instruction {text!r}"
+    robot.instruction.publish(String(data="touch the red cube"))
+    ros.moving_again(twists, "commands after a valid instruction")
 
 
 def test_estop_service_and_deactivation_stop_the_robot(ros, policy_with_robot):
@@ -102,6 +150,9 @@ def bad_messages(robot) -> list[tuple[str, str, str, object]]:
         ("a missing joint", "joint_states", "lacks joints", lambda: joints(names[:8], [0.0] * 8)),
         ("7 positions for 9 joints", "joint_states", "9 names but 7 positions", lambda: joints(names, [0.0] * 7)),
         ("a NaN IMU sample", "imu", "NaN", lambda: fill(Imu(), M.imu_fields([0, 0, np.nan, 0, 0, 0], robot.now()))),
+        ("an IMU sample of 1e300", "imu", "implausible",
+         lambda: fill(Imu(), M.imu_fields([0, 0, 1e300, 0, 0, 0], robot.now()))),
+        ("a joint at 100 rad", "joint_states", "implausible", lambda: joints(names, [0.0] * 8 + [100.0])),
     ]
 
 

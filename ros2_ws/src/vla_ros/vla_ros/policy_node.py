@@ -50,7 +50,16 @@ PARAMETERS = {
         "frame as soon as joint states and IMU at least as new have arrived",
     ),
     "action_rate_hz": (10.0, "rate the policy's per-step deltas were trained at: twist = delta * action_rate_hz"),
-    "max_input_age": (0.0, "hold when an input is older than this [s]; 0: two control periods"),
+    "max_input_age": (
+        0.0,
+        "hold when no new message of an input arrived for this long, or one arrives stamped this much "
+        "earlier [s]; 0: two control periods",
+    ),
+    "max_future_stamp": (
+        0.1,
+        "hold when an input arrives stamped this much ahead of this node's clock [s]: the sender's clock is "
+        "not synchronised with ours (or its driver is broken)",
+    ),
     "image_transport": (
         "raw",
         "raw: sensor_msgs/Image on camera_topic; "
@@ -90,8 +99,8 @@ def check(cfg) -> None:
     for name, value in positive.items():
         if value <= 0:
             raise ValueError(f"parameter {name}={value} must be positive")
-    if cfg.max_input_age < 0 or cfg.cpu_threads < 0:
-        raise ValueError("parameters max_input_age and cpu_threads must be >= 0")
+    if min(cfg.max_input_age, cfg.max_future_stamp, cfg.cpu_threads) < 0:
+        raise ValueError("parameters max_input_age, max_future_stamp and cpu_threads must be >= 0")
 
 
 def resolve_policy(spec: str) -> str:
@@ -185,7 +194,8 @@ class PolicyNode(LifecycleNode):
         period_ns = round(1e9 / cfg.control_rate_hz)
         self.spec = policy.spec
         wrist = self.spec.wrist_camera
-        self.inputs = Inputs(self.spec.imu_window, round(cfg.max_input_age * 1e9) or 2 * period_ns, wrist)
+        max_age = round(cfg.max_input_age * 1e9) or 2 * period_ns
+        self.inputs = Inputs(self.spec.imu_window, max_age, round(cfg.max_future_stamp * 1e9), wrist)
         self.stats = Stats(period_ns)
         # The instruction subscription comes first: when a new episode's instruction and observation
         # are waiting together, the executor serves subscriptions in creation order.
@@ -251,6 +261,9 @@ class PolicyNode(LifecycleNode):
 
     # ---- inputs --------------------------------------------------------------------------------
     def on_instruction(self, msg: String) -> None:
+        if not msg.data.strip():
+            self.inputs.errors["instruction"] = "empty instruction"
+            return
         try:
             self.policy.reset(msg.data)
         except Exception as exc:  # a policy that rejects the text must not take the node down
@@ -268,15 +281,15 @@ class PolicyNode(LifecycleNode):
 
     def on_image(self, stream: str, msg) -> None:
         convert = image_input if self.cfg.image_transport == "raw" else compressed_input
-        self.inputs.update(stream, stamp_ns(msg), lambda: convert(msg, self.spec.image_size))
+        self.inputs.update(stream, stamp_ns(msg), self.now_ns(), lambda: convert(msg, self.spec.image_size))
         self.act_on_observation()
 
     def on_joint_states(self, msg: JointState) -> None:
-        self.inputs.update("joint_states", stamp_ns(msg), lambda: state_input(msg))
+        self.inputs.update("joint_states", stamp_ns(msg), self.now_ns(), lambda: state_input(msg))
         self.act_on_observation()
 
     def on_imu(self, msg: Imu) -> None:
-        self.inputs.update("imu", stamp_ns(msg), lambda: imu_input(msg))
+        self.inputs.update("imu", stamp_ns(msg), self.now_ns(), lambda: imu_input(msg))
         self.act_on_observation()
 
     def act_on_observation(self) -> None:

@@ -28,9 +28,12 @@ from sensor_msgs.msg import CompressedImage, Image, Imu, JointState  # noqa: E40
 from std_msgs.msg import String  # noqa: E402
 from std_srvs.srv import SetBool, Trigger  # noqa: E402
 
+from policies import RandomPolicy  # noqa: E402
+from sim import SimConfig, make_env  # noqa: E402
 from vla.contracts.topics import MSG_TYPES, TOPICS  # noqa: E402
 from vla.data import messages as M  # noqa: E402
 from vla.data.dataset import load_manifest  # noqa: E402
+from vla.data.record import record_episode  # noqa: E402
 from vla_ros import qos  # noqa: E402
 from vla_ros.conversions import fill, message_class  # noqa: E402
 
@@ -289,6 +292,21 @@ class FakeRobot:
                 fill(msg.header, {"stamp": header})
                 publisher.publish(msg)
             self.last_frame = time.monotonic()
+
+
+@pytest.fixture(scope="session")
+def sim_bag():
+    """sim_bag(path) records a short sim episode in-process (the format `vla collect` writes) at path."""
+
+    def record(path: Path) -> Path:
+        env = make_env("reach", SimConfig(max_steps=5))
+        try:
+            record_episode(env, RandomPolicy(0), 3, path)
+        finally:
+            env.close()
+        return path
+
+    return record
 
 
 @pytest.fixture

@@ -9,9 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from policies import CHECKPOINT_DIR, RandomPolicy
-from sim import SimConfig, make_env
-from vla.data.record import record_episode
+from policies import CHECKPOINT_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "ros2_ws" / "src" / "vla_ros"
@@ -60,10 +58,10 @@ def test_launch_files_name_existing_executables_and_parameter_files():
     ("recorder.yaml", "recorder_node", {"follow_episodes": True}, None),
     ("replay.yaml", "replay_node", {"bag": "BAG"}, None),
 ])
-def test_nodes_start_with_the_launch_parameter_files(ros, tmp_path, config, executable, overrides, state):
+def test_nodes_start_with_the_launch_parameter_files(ros, tmp_path, sim_bag, config, executable, overrides, state):
     """Every parameter of the file is declared by the node and holds the file's value."""
     if overrides.get("bag") == "BAG":
-        overrides = {"bag": str(record_sim_bag(tmp_path / "bag"))}
+        overrides = {"bag": str(sim_bag(tmp_path / "bag"))}
     ros.start(executable, CONFIG / config, **overrides)
     values = yaml.safe_load((CONFIG / config).read_text())[executable]["ros__parameters"]
     values |= {k: v for k, v in overrides.items() if k in values or k in ("bag", "follow_episodes")}
@@ -72,15 +70,4 @@ def test_nodes_start_with_the_launch_parameter_files(ros, tmp_path, config, exec
     if state is not None:
         ros.spin_until(lambda: ros.lifecycle_state() == state, 30, f"policy_node {state}")
     assert ros.alive(executable)
-
-
-def record_sim_bag(path: Path) -> Path:
-    """A short sim episode recorded in-process (the format `vla collect` writes)."""
-    env = make_env("reach", SimConfig(max_steps=5))
-    try:
-        record_episode(env, RandomPolicy(0), 3, path)
-    finally:
-        env.close()
-    return path
-
 

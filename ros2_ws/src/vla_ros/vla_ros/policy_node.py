@@ -12,7 +12,6 @@ node is disabled, it holds: zero twist and the last gripper command, every contr
 """
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -395,4 +394,4 @@ def main() -> None:
     # rclpy's C++ events executor: the Python executor's wait-set bookkeeping cost about 3.5 ms of
     # latency per camera frame on 2 CPU cores (benchmarks/ros_latency.py). It cannot serve raw
     # subscriptions (the recorder's), so the other nodes keep the SingleThreadedExecutor.
-    sys.exit(run("policy_node", PolicyNode, EventsExecutor))
+    run("policy_node", PolicyNode, EventsExecutor)

@@ -18,11 +18,11 @@ during it, messages were lost) it is discarded with a warning.
 """
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import json
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -32,7 +32,7 @@ from std_msgs.msg import String
 from std_srvs.srv import SetBool
 
 from vla.contracts.topics import MSG_TYPES, TOPICS
-from vla.data.dataset import DatasetWriter, dir_bytes, episode_name, partial_episode, publish_episode
+from vla.data.dataset import PARTIAL, DatasetWriter, dir_bytes, episode_name, partial_episode, publish_episode
 from vla.data.record import FORMAT
 from vla.data.writer import EpisodeWriter
 from vla_ros import params, qos
@@ -103,6 +103,8 @@ class RecorderNode(Node):
             else:
                 self.finish(self.robot_info())
         self.dataset.close()
+        with contextlib.suppress(OSError):  # not empty: another writer's episode in progress
+            (self.dataset.root / PARTIAL).rmdir()
 
     def now(self) -> int:
         """Wall-clock ns, the clock of the middleware's receive times (the node clock may be sim time)."""
@@ -192,4 +194,4 @@ class RecorderNode(Node):
 
 
 def main() -> None:
-    sys.exit(run("recorder_node", RecorderNode))
+    run("recorder_node", RecorderNode)

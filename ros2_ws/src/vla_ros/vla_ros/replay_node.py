@@ -117,4 +117,4 @@ class ReplayNode(Node):
 
 
 def main() -> None:
-    sys.exit(run("replay_node", ReplayNode))
+    run("replay_node", ReplayNode)

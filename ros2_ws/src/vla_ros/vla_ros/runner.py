@@ -1,44 +1,101 @@
-"""The `main` of every node: spin on one thread until SIGINT or SIGTERM, then let the node finish
-its work (a last zero twist, a bag closed properly) while ROS is still up."""
+"""The `main` of every node: spin until SIGINT or SIGTERM, then let the node finish its work (a last
+zero twist, a bag closed properly) while ROS is still up, and exit 0 within STOP_DEADLINE_S.
+
+Under `ros2 launch` a terminal Ctrl-C reaches every node twice (the terminal's SIGINT to the process
+group, then the one launch forwards), and launch escalates to SIGTERM. So the handler only notes a
+signal (an exception raised from it could fire inside a callback or inside the cleanup itself),
+the loop checks the note between callbacks, and signals during the cleanup are ignored.
+"""
 from __future__ import annotations
 
+import atexit
+import os
 import signal
+import sys
+import threading
+from typing import NoReturn
 
 import rclpy
+from rclpy.duration import Duration
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.signals import SignalHandlerOptions
 
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+POLL_S = 0.05  # a bounded wait, so that a signal is seen in an idle node
+ACK_TIMEOUT_S = 0.5  # for the readers of the final commands to acknowledge them
+STOP_DEADLINE_S = 1.8  # a cleanup that takes longer is cut short (exit code 1)
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+
+class StopRequest:
+    """The signal handler: notes the first signal, nothing else."""
+
+    def __init__(self):
+        self.signum: int | None = None
+
+    def __call__(self, signum, frame) -> None:
+        self.signum = self.signum or signum
+
+    def install(self) -> None:
+        for signum in SIGNALS:  # SIGINT too: ignored by default in background jobs
+            signal.signal(signum, self)
 
 
-def run(name: str, make_node, make_executor=SingleThreadedExecutor) -> int:
+def run(name: str, make_node, make_executor=SingleThreadedExecutor) -> NoReturn:
     """`make_node()` builds the node (ValueError or OSError: bad parameters, exit code 2); the
-    node's `close()` runs before shutdown."""
-    # rclpy's own handlers would shut the context down under a running callback; a
-    # KeyboardInterrupt instead unwinds out of spin() with the context still valid.
+    node's `close()` runs at a signal, before its reliable publishers are flushed and ROS shuts down."""
+    stop = StopRequest()
+    stop.install()  # a signal while the node starts (a model loads) stops it once it is up
+    # rclpy's own handlers would shut the context down under a running callback.
     rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
-    for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: ignored by default in background jobs
-        signal.signal(signum, _interrupt)
-    node = None
     try:
         node = make_node()
-        executor = make_executor()
-        executor.add_node(node)
-        while True:  # a bounded wait, so that the signal handler gets to run in an idle node
-            executor.spin_once(timeout_sec=0.1)
-    except KeyboardInterrupt:
-        pass
     except (ValueError, OSError) as exc:
-        if node is not None:  # raised by a callback: a bug, not a parameter
-            raise
         rclpy.logging.get_logger(name).fatal(str(exc))
-        return 2
-    finally:
-        if node is not None:
-            node.close()
-            node.destroy_node()
         rclpy.try_shutdown()
-    return 0
+        exit_now(2)
+    executor = make_executor()
+    stop.install()  # rclpy's EventsExecutor takes SIGINT and SIGTERM for itself: take them back
+    executor.add_node(node)
+    while stop.signum is None:
+        executor.spin_once(timeout_sec=POLL_S)  # an exception here is a bug: a traceback, exit 1
+    ignore_signals()
+    deadline = threading.Timer(STOP_DEADLINE_S, overrun, args=(name,))
+    deadline.daemon = True
+    deadline.start()
+    node.close()
+    flush(node)
+    executor.shutdown(timeout_sec=0.5)
+    node.destroy_node()
+    del executor  # the EventsExecutor resets SIGINT and SIGTERM to their defaults when destroyed
+    ignore_signals()
+    rclpy.try_shutdown()
+    rclpy.logging.get_logger(name).info(f"stopped by {signal.Signals(stop.signum).name}")
+    exit_now(0)
 
+
+def ignore_signals() -> None:
+    for signum in SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def flush(node) -> None:
+    """Wait (bounded) until the readers of every reliable publisher acknowledged what it published:
+    the node's last commands must reach the robot before the process goes."""
+    left = Duration(nanoseconds=round(ACK_TIMEOUT_S * 1e9))
+    if not all(publisher.wait_for_all_acked(left) for publisher in node.publishers):
+        node.get_logger().warning("some readers did not acknowledge the last messages")
+
+
+def overrun(name: str) -> None:
+    sys.stderr.write(f"[{name}] shutdown took over {STOP_DEADLINE_S} s: exiting\n")
+    sys.stderr.flush()
+    os._exit(1)
+
+
+def exit_now(code: int) -> NoReturn:
+    """Exit after atexit handlers and flushing stdio, skipping the interpreter's teardown (1-2 s once
+    torch is loaded, more under load); run() has closed everything the node writes."""
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 
 import numpy as np
@@ -209,4 +208,4 @@ class SimNode(Node):
 
 
 def main() -> None:
-    sys.exit(run("sim_node", SimNode))
+    run("sim_node", SimNode)

@@ -28,7 +28,7 @@ from rich.table import Table
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from policies import CHECKPOINT_DIR
-from sim.tasks import instruction_corpus
+from sim import language
 from vla.config import from_dict
 from vla.model import ModelConfig, VLAModel, create
 from vla.model.checkpoint import read_meta, save_checkpoint
@@ -112,7 +112,7 @@ def time_runtime(runtime: Runtime, batch: int, iters: int, device: str) -> dict:
 def make_checkpoint(directory: Path, config: ModelConfig) -> Path:
     """A random-weight model of `config` with both decoders."""
     model, processor = create(dataclasses.replace(config, decoders=("parallel", "autoregressive")), FAKE_STATS,
-                              instruction_corpus())
+                              language.corpus())
     return save_checkpoint(directory, model, processor)
 
 

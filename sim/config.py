@@ -5,6 +5,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from sim.language import SPLITS
 from sim.scene import COLOURS
 from vla.config import from_dict
 from vla.contracts.observation import CONTROL_HZ, IMAGE_SIZE, IMU_HZ, IMU_WINDOW, ObservationSpec
@@ -35,6 +36,9 @@ class SimConfig:
     camera_jitter: float = 0.0
     colours: tuple[str, ...] = tuple(COLOURS)
     max_steps: int = 0  # 0: the task's own limit
+    # Which phrasings instructions are drawn from (sim.language): "train" for data and training,
+    # "heldout" for evaluating how a policy follows requests put in ways it was never trained on.
+    phrasing: str = "train"
 
     def __post_init__(self):
         ObservationSpec(self.image_size, self.imu_window, self.wrist_camera)  # the same checks
@@ -56,6 +60,8 @@ class SimConfig:
             raise ValueError(f"unknown colour(s) {unknown}; choose from {sorted(COLOURS)}")
         if len(set(self.colours)) < 3:
             raise ValueError("SimConfig.colours needs at least 3 distinct colours (tasks use distractors)")
+        if self.phrasing not in SPLITS:
+            raise ValueError(f"SimConfig.phrasing must be one of {SPLITS}, got {self.phrasing!r}")
         if not 0 <= self.camera_jitter <= MAX_CAMERA_JITTER:
             raise ValueError(f"SimConfig.camera_jitter must be in [0, {MAX_CAMERA_JITTER}] metres, "
                              f"got {self.camera_jitter!r}")

@@ -9,6 +9,7 @@ import gymnasium as gym
 import numpy as np
 import pybullet as p
 
+from sim import language
 from sim.config import SimConfig
 from sim.robot import HAND_LINK, Panda
 from sim.scene import Scene
@@ -30,7 +31,7 @@ START_LOW, START_HIGH = np.array([0.35, -0.15, 0.18]), np.array([0.55, 0.15, 0.3
 # Random streams of an episode besides its main one (np.random.default_rng(seed): start pose,
 # objects, instruction, IMU), each derived from the seed alone, so that a randomisation switch
 # never changes what another draws: a seed means the same scene whatever the switches.
-STREAMS = {"shades": 1, "camera": 2, "lighting": 3}
+STREAMS = {"shades": 1, "camera": 2, "lighting": 3, "language": 4}
 RESET_OPTIONS = ("instruction",)
 
 
@@ -150,7 +151,9 @@ class TabletopEnv(gym.Env):
         if cfg.randomize_start:
             self.robot.reset_to(*start)
         shades = stream(self.episode_seed, "shades") if cfg.randomize_shades else None
-        self.instruction = self.task.build(self.scene, rng, list(cfg.colours), shades)
+        self.task.build(self.scene, rng, list(cfg.colours), shades)
+        self.instruction = language.instruction(self.task.name, self.task.words, cfg.phrasing,
+                                                stream(self.episode_seed, "language"))
         jitter = np.zeros((2, 3))
         if cfg.camera_jitter:
             jitter = stream(self.episode_seed, "camera").uniform(-cfg.camera_jitter, cfg.camera_jitter, (2, 3))
@@ -166,8 +169,7 @@ class TabletopEnv(gym.Env):
         """The instruction option for this episode: `template` with its fields filled in."""
         if not isinstance(template, str):
             raise ValueError(f"reset option 'instruction' must be a str, got {type(template).__name__}")
-        target = self.task.target
-        words = {"colour": target.colour, "shape": target.shape, **self.task.words}
+        words = self.task.words
         try:
             fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
         except ValueError as exc:  # an unmatched brace

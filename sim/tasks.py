@@ -1,11 +1,9 @@
-"""Language-conditioned tasks: each builds its scene, phrases an instruction and judges success.
+"""Language-conditioned tasks: each builds its scene, names what the instruction must say (its
+words: sim.language phrases them) and judges success.
 
 Every task puts objects of other colours beside the one it names, so the instruction matters.
 """
 from __future__ import annotations
-
-import itertools
-import string
 
 import numpy as np
 import pybullet as p
@@ -13,7 +11,6 @@ import pybullet as p
 from sim.scene import (
     BIN_HEIGHT,
     BIN_INNER_HALF,
-    COLOURS,
     CUBE_HALF,
     SHAPES,
     Scene,
@@ -24,35 +21,28 @@ from sim.scene import (
 
 TOUCH_DISTANCE = 0.05  # grasp point to an object's centre: reached (success of reach, grounding)
 PUSH_DISTANCE = 0.12
-PUSH_DIRECTIONS = {  # name -> (unit vector in the base frame, phrasings)
-    "left": ((0.0, 1.0), ("to the left", "left", "leftwards")),
-    "right": ((0.0, -1.0), ("to the right", "right", "rightwards")),
-    "forward": ((1.0, 0.0), ("forward", "away from the robot", "to the far side")),
-    "back": ((-1.0, 0.0), ("back", "towards the robot", "to the near side")),
-}
+# The four directions of a push, as unit vectors in the base frame.
+PUSH_DIRECTIONS = {"left": (0.0, 1.0), "right": (0.0, -1.0), "forward": (1.0, 0.0), "back": (-1.0, 0.0)}
 PLACE_REGION = (np.array([0.34, -0.30]), np.array([0.72, 0.30]))
 
 
 class Task:
     name: str
     max_steps: int
-    templates: tuple[str, ...]
 
     def __init__(self):
         self.target: SceneObject | None = None
-        self.words: dict[str, str] = {}  # the fields of this episode's instruction ({colour}: "red")
+        # What this episode's instruction must say: colour (and shape) of the target, bin_colour
+        # (place), direction and place, its plain phrase (push); sim.language phrases them.
+        self.words: dict[str, str] = {}
 
-    def build(self, scene: Scene, rng: np.random.Generator, colours, shades: np.random.Generator | None) -> str:
-        """Add the task's objects to the scene and return the instruction. Objects' colours are
-        shaded with `shades`, a stream of their own (None: exact colours)."""
+    def build(self, scene: Scene, rng: np.random.Generator, colours, shades: np.random.Generator | None) -> None:
+        """Add the task's objects to the scene and set self.target and self.words. Objects' colours
+        are shaded with `shades`, a stream of their own (None: exact colours)."""
         raise NotImplementedError
 
     def success(self, scene: Scene, ee_position: np.ndarray, gripper_body: int) -> bool:
         raise NotImplementedError
-
-    def phrase(self, rng: np.random.Generator, **words) -> str:
-        self.words = words
-        return self.templates[rng.integers(len(self.templates))].format(**words)
 
 
 def _cubes(scene, rng, colours, shades, positions) -> list[SceneObject]:
@@ -65,8 +55,6 @@ def _cubes(scene, rng, colours, shades, positions) -> list[SceneObject]:
 
 class Reach(Task):
     name, max_steps = "reach", 40
-    templates = ("touch the {colour} {shape}", "reach the {colour} {shape}",
-                 "move to the {colour} {shape}", "put the gripper on the {colour} {shape}")
 
     def build(self, scene, rng, colours, shades):
         positions = sample_positions(rng, 3, 0.1)
@@ -82,7 +70,7 @@ class Reach(Task):
             for i, xy in zip(chosen, positions)
         ]
         self.target = objects[0]
-        return self.phrase(rng, colour=self.target.colour, shape=self.target.shape)
+        self.words = {"colour": self.target.colour, "shape": self.target.shape}
 
     def success(self, scene, ee_position, gripper_body):
         return bool(np.linalg.norm(scene.position(self.target) - ee_position) < TOUCH_DISTANCE)
@@ -90,17 +78,11 @@ class Reach(Task):
 
 class Pick(Task):
     name, max_steps = "pick", 60
-    templates = (
-        "pick up the {colour} cube",
-        "lift the {colour} cube",
-        "grasp the {colour} cube and lift it",
-        "raise the {colour} block",
-    )
     LIFT = 0.06
 
     def build(self, scene, rng, colours, shades):
         self.target = _cubes(scene, rng, colours, shades, sample_positions(rng, 3, 0.1))[0]
-        return self.phrase(rng, colour=self.target.colour)
+        self.words = {"colour": self.target.colour, "shape": "cube"}
 
     def success(self, scene, ee_position, gripper_body):
         return bool(scene.position(self.target)[2] > CUBE_HALF + self.LIFT)
@@ -108,18 +90,13 @@ class Pick(Task):
 
 class Push(Task):
     name, max_steps = "push", 80
-    templates = (
-        "push the {colour} cube {place}",
-        "slide the {colour} cube {place}",
-        "nudge the {colour} block {place}",
-    )
     GOAL_TOLERANCE = 0.04
 
     def build(self, scene, rng, colours, shades):
         while True:
             positions = sample_positions(rng, 3, 0.1)
             direction = list(PUSH_DIRECTIONS)[rng.integers(len(PUSH_DIRECTIONS))]
-            unit = np.array(PUSH_DIRECTIONS[direction][0])
+            unit = np.array(PUSH_DIRECTIONS[direction])
             goal = positions[0] + PUSH_DISTANCE * unit
             behind = positions[0] - 0.06 * unit
             if self._clear(goal, behind, positions[1:]):
@@ -127,8 +104,8 @@ class Push(Task):
         self.goal, self.direction = goal, unit
         self.target = _cubes(scene, rng, colours, shades, positions)[0]
         self._add_goal_marker(scene, goal)
-        phrasings = PUSH_DIRECTIONS[direction][1]
-        return self.phrase(rng, colour=self.target.colour, place=phrasings[rng.integers(len(phrasings))])
+        place = "to the " + direction if direction in ("left", "right") else direction
+        self.words = {"colour": self.target.colour, "shape": "cube", "direction": direction, "place": place}
 
     @staticmethod
     def _clear(goal, behind, others) -> bool:
@@ -150,11 +127,6 @@ class Push(Task):
 
 class Place(Task):
     name, max_steps = "place", 100
-    templates = (
-        "put the {colour} cube in the {bin_colour} bin",
-        "place the {colour} cube into the {bin_colour} bin",
-        "drop the {colour} block in the {bin_colour} box",
-    )
 
     def build(self, scene, rng, colours, shades):
         positions = sample_positions(rng, 5, 0.13, *PLACE_REGION)
@@ -164,7 +136,7 @@ class Place(Task):
         ]
         self.target = _cubes(scene, rng, colours, shades, positions[2:])[0]
         self.bin = bins[0]
-        return self.phrase(rng, colour=self.target.colour, bin_colour=self.bin.colour)
+        self.words = {"colour": self.target.colour, "shape": "cube", "bin_colour": self.bin.colour}
 
     def success(self, scene, ee_position, gripper_body):
         cube, box = scene.position(self.target), scene.position(self.bin)
@@ -179,23 +151,3 @@ def make_task(name: str) -> Task:
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
     return TASKS[name]()
-
-
-# Values of the fields of the task templates.
-TEMPLATE_FIELDS = {
-    "colour": list(COLOURS),
-    "bin_colour": list(COLOURS),
-    "shape": list(SHAPES),
-    "place": [phrase for _, phrases in PUSH_DIRECTIONS.values() for phrase in phrases],
-}
-
-
-def instruction_corpus() -> list[str]:
-    """Every instruction the task templates can produce (a text tokenizer's training corpus)."""
-    corpus = []
-    for task in TASKS.values():
-        for template in task.templates:
-            fields = [name for _, name, _, _ in string.Formatter().parse(template) if name]
-            for values in itertools.product(*(TEMPLATE_FIELDS[f] for f in fields)):
-                corpus.append(template.format(**dict(zip(fields, values))))
-    return corpus

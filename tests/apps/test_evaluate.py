@@ -70,8 +70,22 @@ def test_vla_eval_under_randomisation_with_other_words(tmp_path):
     finally:
         torch.set_num_threads(threads)
     plain, varied = (json.loads((tmp_path / name / "report.json").read_text()) for name in ("plain", "varied"))
-    assert varied["randomize"] == {"randomize_lighting": True, "randomize_shades": True, "camera_jitter": 0.01}
+    assert varied["settings"] == {"randomize_lighting": True, "randomize_shades": True, "camera_jitter": 0.01,
+                                  "phrasing": "train"}
     assert varied["instruction"] == "move to the {colour} {shape}" and varied["threads"] == 2
-    assert plain["randomize"] == {} and plain["instruction"] is None and plain["threads"] == 1
+    assert plain["settings"] == {"phrasing": "train"} and plain["instruction"] is None and plain["threads"] == 1
     assert [e["target"] for e in varied["episodes"]] == [e["target"] for e in plain["episodes"]]
     assert [e["instruction"] for e in varied["episodes"]] == [f"move to the {e['target']}" for e in plain["episodes"]]
+
+
+def test_vla_eval_compares_held_out_phrasings_with_the_training_ones(tmp_path, capsys):
+    checkpoint = CHECKPOINT_DIR / "default"
+    if not checkpoint.is_dir():
+        pytest.skip(f"no shipped checkpoint at {checkpoint}")
+    argv = ["eval", "--checkpoint", str(checkpoint), "--task", "reach", "--episodes", "2", "--device", "cpu",
+            "--video-episodes", "0", "--phrasings", "heldout", "--out", str(tmp_path)]
+    assert vla_main(argv) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report["phrasings"]) == {"train", "heldout"} and report["settings"]["phrasing"] == "heldout"
+    assert report["success"] == report["phrasings"]["heldout"]["success"]
+    assert capsys.readouterr().out.count("│ reach ") == 3  # both tables, and the one side by side

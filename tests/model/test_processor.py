@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sim.tasks import instruction_corpus
+from sim import language
 from vla.contracts.action import ACTION_HIGH, ACTION_LOW
 from vla.model.action_tokenizer import ActionTokenizer
 from vla.model.processor import Processor
@@ -53,10 +53,11 @@ def test_actions_stay_inside_the_limits_whatever_the_statistics(tiny_model):
 
 # ---- text ---------------------------------------------------------------------------------------
 def test_text_tokenizer_covers_the_corpus_and_unseen_words():
-    corpus = instruction_corpus()
+    corpus = language.corpus()
     tokenizer = build_tokenizer(corpus, 512)
-    assert "touch the red cube" in corpus and any("bin" in text for text in corpus)
-    assert max(len(tokenizer(text)["input_ids"]) for text in corpus) <= 8  # common words are single tokens
+    assert any("bin" in text for text in corpus) and any("scarlet" in text for text in corpus)
+    for text in corpus[:200]:  # common words are single tokens
+        assert len(tokenizer(text)["input_ids"]) <= len(text.split()) + 2, text
     unseen = "grab the turquoise pyramid quickly"
     ids = tokenizer(unseen)["input_ids"]
     assert tokenizer.unk_token_id not in ids and tokenizer.decode(ids) == unseen  # byte-level: nothing is lost
@@ -108,6 +109,9 @@ def test_inputs_are_resized(tiny_model, observations):
     (lambda o: o | {"state": np.full(15, np.nan, np.float32)}, "'state' contains NaN or inf"),
     (lambda o: o | {"state": np.full(15, 1e6, np.float32)}, "'state' has an implausible value"),
     (lambda o: o | {"state": ["a"] * 15}, "'state' is not numeric"),
+    (lambda o: o | {"state": ["0.1"] * 15}, "'state' is not numeric"),
+    (lambda o: o | {"state": np.ones(15, complex)}, "'state' is not numeric: ndarray complex128"),
+    (lambda o: o | {"imu": [[0.0] * 6] * 11 + [[0.0] * 5]}, "'imu' is not numeric"),
     (lambda o: o | {"imu": np.full((12, 6), 1e300)}, "'imu' has an implausible value"),
     (lambda o: o | {"imu": np.full((12, 6), np.inf)}, "'imu' contains NaN or inf"),
     (lambda o: o | {"instruction": 3}, "'instruction' must be a str"),
@@ -118,3 +122,15 @@ def test_unusable_observations_are_clear_errors(tiny_model, observations, change
     _, processor = tiny_model()
     with pytest.raises(ValueError, match=message):
         processor.inputs(change(observations(1)[0]))
+
+
+@pytest.mark.parametrize("observations, message", [
+    (42, "observations must be a dict or a non-empty list of dicts, got int"),
+    ([], "non-empty list"),
+    ([None], r"each observation must be a dict, got \['NoneType'\]"),
+    ("obs", "got str"),
+])
+def test_observations_that_are_not_dicts_are_clear_errors(tiny_model, observations, message):
+    _, processor = tiny_model()
+    with pytest.raises(ValueError, match=message):
+        processor.inputs(observations)

@@ -1,7 +1,9 @@
 """`vla eval --checkpoint DIR [--task T] --episodes N`: closed-loop evaluation on held-out seeds.
 
 `--randomize lighting,shades,jitter` evaluates under domain randomisation (the same scenes per
-seed), `--instruction "grab the {colour} {shape}"` with other words than the task's own.
+seed), `--instruction "grab the {colour} {shape}"` with other words than the task's own, and
+`--phrasings heldout` with requests put in ways training never saw (sim.language): then the same
+seeds run with the training phrasings too, and both are reported side by side.
 
 Prints success and language grounding per task (grounding: the first object the gripper reaches
 is the instructed one, among distractors of other colours), writes rollout videos and a JSON
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 from rich.console import Console
+from rich.table import Table
 
 from policies.vla_policy import VLAPolicy
 from sim import SimConfig
@@ -67,26 +70,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     if args.episodes <= 0:
         raise ValueError(f"--episodes must be positive, got {args.episodes}")
-    randomize = episode_settings(args)
+    settings = episode_settings(args)
     tasks = parse_tasks(args.task) if args.task else trained_tasks(args.checkpoint)
     policy = TimedPolicy(VLAPolicy.from_checkpoint(args.checkpoint, args.backend, args.device, args.decoder,
                                                    threads=args.threads, execution=args.execution))
-    sim = SimConfig.for_spec(policy.policy.spec, **randomize)
     out = Path(args.out)
     video = out / "rollouts.mp4" if args.video_episodes else None
-    results = run_episodes(tasks, lambda env: policy, args.episodes, args.seed, sim, video, args.video_episodes,
-                           instruction=args.instruction)
-    Console().print(success_table(results, f"{args.checkpoint} ({policy.policy.runtime.name})"))
+    # held-out phrasings are compared with the training ones on the same seeds
+    phrasings = ["train", "heldout"] if args.phrasings == "heldout" else [args.phrasings]
+    results = {}
+    for phrasing in phrasings:
+        sim = SimConfig.for_spec(policy.policy.spec, **(settings | {"phrasing": phrasing}))
+        results[phrasing] = run_episodes(tasks, lambda env: policy, args.episodes, args.seed, sim,
+                                         video if phrasing == args.phrasings else None, args.video_episodes,
+                                         instruction=args.instruction)
+        Console().print(success_table(results[phrasing], f"{args.checkpoint} ({policy.policy.runtime.name}), "
+                                                         f"{phrasing} phrasings"))
+    if len(results) > 1:
+        Console().print(phrasing_table(results))
+    chosen = results[args.phrasings]
     report = {
         "checkpoint": str(args.checkpoint), "runtime": policy.policy.runtime.name, "execution": args.execution,
         "seeds": [args.seed, args.seed + args.episodes - 1],
-        "randomize": randomize, "instruction": args.instruction, "threads": args.threads,
-        "success": {task: success_rate(rows) for task, rows in by_task(results).items()},
-        "grounding": {task: grounding_rate(rows) for task, rows in by_task(results).items()},
+        "settings": settings, "instruction": args.instruction, "threads": args.threads,
+        "success": {task: success_rate(rows) for task, rows in by_task(chosen).items()},
+        "grounding": {task: grounding_rate(rows) for task, rows in by_task(chosen).items()},
+        "phrasings": {phrasing: {"success": {t: success_rate(r) for t, r in by_task(rows).items()},
+                                 "grounding": {t: grounding_rate(r) for t, r in by_task(rows).items()}}
+                      for phrasing, rows in results.items()},
         "latency_ms": {"mean": 1e3 * float(np.mean(policy.seconds)), "p50": 1e3 * float(np.median(policy.seconds))},
-        "episodes": [asdict(r) for r in results],
+        "episodes": [asdict(r) for r in chosen],
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     print(f"report: {out / 'report.json'}" + (f", video: {video}" if video else ""))
     return 0
+
+
+def phrasing_table(results: dict[str, list]) -> Table:
+    """Success and grounding per task with the training and the held-out phrasings, side by side."""
+    table = Table(title="phrasings: training vs held out (same seeds)")
+    for column in ("task", "success train", "success held out", "held out / train", "grounding train",
+                   "grounding held out"):
+        table.add_column(column, justify="left" if column == "task" else "right")
+    train, heldout = by_task(results["train"]), by_task(results["heldout"])
+    for task in train:
+        a, b = success_rate(train[task]), success_rate(heldout[task])
+        table.add_row(task, f"{100 * a:.1f} %", f"{100 * b:.1f} %", f"{b / a:.2f}" if a else "n/a",
+                      f"{100 * grounding_rate(train[task]):.1f} %", f"{100 * grounding_rate(heldout[task]):.1f} %")
+    return table

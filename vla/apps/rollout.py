@@ -19,6 +19,7 @@ from tqdm import tqdm
 from policies import load_policy
 from sim import TASKS, SimConfig, make_env
 from sim.config import CAMERA_JITTER, randomization
+from sim.language import SPLITS
 from vla.apps.video import annotate, write_video
 from vla.contracts.observation import ObservationSpec
 
@@ -182,6 +183,13 @@ def add_episode_arguments(parser: argparse.ArgumentParser) -> None:
         "Success is still judged on the task's object",
     )
     parser.add_argument(
+        "--phrasings",
+        choices=SPLITS,
+        default="train",
+        help="how instructions are put (sim.language): train (the phrasings training draws from) or heldout "
+        "(kept for evaluation only)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=THREADS,
@@ -199,10 +207,10 @@ def randomize_settings(args) -> dict:
 
 
 def episode_settings(args) -> dict:
-    """The SimConfig switches of --randomize, after checking --threads."""
+    """The SimConfig settings of --randomize and --phrasings, after checking --threads."""
     if args.threads < 0:
         raise ValueError(f"--threads must be >= 0 (0: the backend's default), got {args.threads}")
-    return randomize_settings(args)
+    return randomize_settings(args) | {"phrasing": args.phrasings}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

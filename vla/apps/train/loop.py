@@ -25,8 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from policies.vla_policy import VLAPolicy
-from sim import SimConfig
-from sim.tasks import instruction_corpus
+from sim import SimConfig, language
 from vla.apps import JobError
 from vla.apps.rollout import EVAL_SEED_OFFSET, by_task, run_episodes, success_rate
 from vla.apps.train.data import BatchSchedule, collate, ensure_dataset, open_dataset
@@ -117,7 +116,7 @@ def train(config: TrainConfig, index=None, resume: str | Path | None = None, pro
                 f"the recipe's model section differs from the checkpoint's ({resume_dir}); resume with the same model"
             )
     else:
-        model, processor = create(config.model, index.stats, instruction_corpus())
+        model, processor = create(config.model, index.stats, language.corpus())
     model.to(procs.device).train()
     wrapped = (
         DistributedDataParallel(model, device_ids=[procs.device.index] if procs.device.type == "cuda" else None)

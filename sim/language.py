@@ -1,0 +1,113 @@
+"""Instructions as people write them. Each task's instruction is drawn from a grammar of sentence
+frames, verbs, names for objects and colours, and politeness, far richer than a few templates.
+
+Two disjoint sets of phrasings: "train" (what data collection and training draw from) and
+"heldout" (sentence frames and verbs kept for evaluation only: `vla eval --phrasings heldout`),
+so that how well a policy follows instructions it was never trained on can be measured honestly.
+Both name objects with the same words (colours and their synonyms, shapes and theirs): what is new
+in "heldout" is how the request is put.
+
+`instruction(task, words, split, rng)` phrases one request; `words` holds the episode's slots:
+colour and shape of the target, bin_colour (place), direction (push: left, right, forward, back).
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+SPLITS = ("train", "heldout")
+
+# ---- naming objects (shared by both splits) ------------------------------------------------------
+COLOUR_WORDS = {
+    "red": ("red", "scarlet"),
+    "green": ("green", "emerald"),
+    "blue": ("blue", "azure"),
+    "yellow": ("yellow", "golden"),
+    "purple": ("purple", "violet"),
+    "orange": ("orange", "tangerine"),
+}
+SHAPE_WORDS = {"cube": ("cube", "block", "square block"), "ball": ("ball", "sphere"),
+               "cylinder": ("cylinder", "can", "round post")}
+BIN_WORDS = ("bin", "box", "basket", "container", "tray")
+DIRECTION_WORDS = {
+    "left": ("to the left", "left", "leftwards", "over to the left side"),
+    "right": ("to the right", "right", "rightwards", "over to the right side"),
+    "forward": ("forward", "away from the robot", "to the far side", "away from you"),
+    "back": ("back", "towards the robot", "to the near side", "towards you"),
+}
+
+# ---- requests: {verb}s and sentence {frame}s per split -------------------------------------------
+# A frame holds {act}: the verb phrase with its object, e.g. "pick up the red block".
+VERBS = {
+    "train": {
+        "reach": ("touch the {obj}", "reach the {obj}", "move to the {obj}", "put the gripper on the {obj}",
+                  "go to the {obj}", "tap the {obj}", "reach out and touch the {obj}", "move your hand to the {obj}"),
+        "pick": ("pick up the {obj}", "lift the {obj}", "grasp the {obj} and lift it", "raise the {obj}",
+                 "grab the {obj} and lift it up", "take the {obj} off the table", "pick the {obj} up"),
+        "push": ("push the {obj} {direction}", "slide the {obj} {direction}", "nudge the {obj} {direction}",
+                 "shove the {obj} {direction}", "push the {obj} a bit {direction}"),
+        "place": ("put the {obj} in the {bin}", "place the {obj} into the {bin}", "drop the {obj} in the {bin}",
+                  "move the {obj} into the {bin}", "put the {obj} inside the {bin}",
+                  "pick up the {obj} and put it in the {bin}"),
+    },
+    "heldout": {
+        "reach": ("bring your gripper over to the {obj}", "make contact with the {obj}",
+                  "head for the {obj} and touch it", "point your fingers at the {obj} and touch it"),
+        "pick": ("hoist the {obj} into the air", "get the {obj} up off the table",
+                 "grab hold of the {obj} and raise it"),
+        "push": ("give the {obj} a push {direction}", "move the {obj} {direction} by pushing it",
+                 "shift the {obj} {direction}"),
+        "place": ("toss the {obj} into the {bin}", "stash the {obj} in the {bin}",
+                  "get the {obj} into the {bin}"),
+    },
+}
+FRAMES = {
+    "train": ("{act}", "please {act}", "{act} please", "could you {act}", "i want you to {act}", "now {act}",
+              "can you {act} please", "your job is to {act}", "go ahead and {act}"),
+    "heldout": ("would you {act}?", "i'd like you to {act} for me", "{act} for me, thanks",
+                "next, {act}", "here is the task, {act}"),
+}
+
+
+def instruction(task: str, words: dict[str, str], split: str, rng: np.random.Generator) -> str:
+    """A request to do `task` with this episode's `words`, phrased from `split`."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown phrasing split {split!r}; choose from {SPLITS}")
+    verb = _pick(VERBS[split][task], rng)
+    frame = _pick(FRAMES[split], rng)
+    obj = f"{_pick(COLOUR_WORDS[words['colour']], rng)} {_pick(SHAPE_WORDS[words.get('shape', 'cube')], rng)}"
+    slots = {"obj": obj}
+    if task == "push":
+        slots["direction"] = _pick(DIRECTION_WORDS[words["direction"]], rng)
+    if task == "place":
+        slots["bin"] = f"{_pick(COLOUR_WORDS[words['bin_colour']], rng)} {_pick(BIN_WORDS, rng)}"
+    return frame.format(act=verb.format(**slots))
+
+
+def _pick(options, rng: np.random.Generator):
+    return options[rng.integers(len(options))]
+
+
+def corpus(split: str = "train", per_task: int = 2000, seed: int = 0) -> list[str]:
+    """Instructions drawn from `split` for every task and target (a tokenizer's training corpus)."""
+    rng = np.random.default_rng(seed)
+    sentences = []
+    for task in VERBS[split]:
+        for _ in range(per_task):
+            colour, other = rng.choice(list(COLOUR_WORDS), size=2, replace=False)
+            words = {"colour": colour, "bin_colour": other, "shape": _pick(list(SHAPE_WORDS), rng),
+                     "direction": _pick(list(DIRECTION_WORDS), rng)}
+            sentences.append(instruction(task, words, split, rng))
+    return sentences
+
+
+def vocabulary(split: str = "train") -> set[str]:
+    """Every word `split` can use."""
+    texts = itertools.chain(*COLOUR_WORDS.values(), *SHAPE_WORDS.values(), BIN_WORDS, *DIRECTION_WORDS.values(),
+                            *VERBS[split].values(), FRAMES[split])
+    return {word for text in texts for word in _words(text)}
+
+
+def _words(text: str) -> list[str]:
+    return [w.strip(",.:") for w in text.replace("{", " {").split() if not w.startswith("{")]

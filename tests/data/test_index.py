@@ -1,5 +1,6 @@
 """The training index: samples equal to what the simulator produced, a cache parsed once and
-rebuilt when a bag changes, statistics, constant memory, corrupt episodes skipped."""
+rebuilt when a bag changes or the cache is damaged, statistics, constant memory, corrupt episodes
+(non-finite values, entries that differ from their bag) skipped, bad manifests a one-line error."""
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ import pytest
 
 from vla.cli import main as vla
 from vla.data import index as index_module
+from vla.data.dataset import DatasetWriter, dir_bytes, episode_name
 from vla.data.index import CorruptEpisodeWarning, EpisodeIndex
 
 
@@ -112,3 +114,87 @@ def test_corrupt_and_failed_episodes_are_skipped(expert_dataset, tmp_path):
     assert not everything.episodes[-1]["success"]
     with pytest.warns(CorruptEpisodeWarning), pytest.raises(ValueError, match="no episodes match"):
         EpisodeIndex(root, tasks=["pick"], progress=False)
+
+
+# ---- damage: cache, manifest, values ---------------------------------------------------------------
+def copy_dataset(expert_dataset, tmp_path):
+    return shutil.copytree(expert_dataset[0], tmp_path / "copy", ignore=shutil.ignore_patterns(".cache", ".lock"))
+
+
+def flip(file, offset=-1):
+    data = bytearray(file.read_bytes())
+    data[offset] ^= 0x10
+    file.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda cache: (cache / "meta.json").unlink(), "no meta.json"),
+    (lambda cache: (cache / "meta.json").write_text("{"), "meta.json unreadable"),
+    (lambda cache: (cache / "images.bin").write_bytes(b""), "images.bin has 0 bytes"),
+    (lambda cache: flip(cache / "states.bin"), "its content does not match its checksum"),
+    (lambda cache: flip(cache / "images.bin", 1000), "its content does not match its checksum"),
+    (lambda cache: flip(cache / "meta.json", 30), "meta.json"),
+])
+def test_a_damaged_cache_is_rebuilt(expert_dataset, tmp_path, damage, problem):
+    root = copy_dataset(expert_dataset, tmp_path)
+    first = EpisodeIndex(root, progress=False)
+    expected = first.batch(range(len(first)))
+    damage(first.cache_dir)
+    with pytest.warns(UserWarning, match=f"damaged training cache \\({problem}"):
+        rebuilt = EpisodeIndex(root, progress=False)
+    for key, value in rebuilt.batch(range(len(rebuilt))).items():
+        assert np.array_equal(value, expected[key]), key
+    assert EpisodeIndex(root, progress=False).cache_dir == rebuilt.cache_dir  # intact again: no warning
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda m: m["episodes"][0].update(imu_window=1_000_000), "entry 0: episode metadata: imu_window must be at most"),
+    (lambda m: m["episodes"][1].update(success="yes"), "entry 1: episode metadata success='yes' is not bool"),
+    (lambda m: m["episodes"][0].update(steps=None), "steps=None is not int"),
+    (lambda m: m["episodes"][0].pop("task"), r"lacks \['task'\]"),
+    (lambda m: m["episodes"][2].update(path="../../etc"), "path='../../etc' is not the name of an episode directory"),
+    (lambda m: m["episodes"][2].update(bytes="x" * 100_000), "bytes='xxxx"),
+    (lambda m: m["episodes"][1].update(path="episode_000000"), "an episode path is listed twice"),
+    (lambda m: m.update(episodes={"0": {}}), "'episodes' is not a list"),
+    (lambda m: m.update(format=None), "unknown manifest format"),
+])
+def test_a_manifest_with_wrong_types_is_a_one_line_error(expert_dataset, tmp_path, edit, problem):
+    root = copy_dataset(expert_dataset, tmp_path)
+    manifest = json.loads((root / "manifest.json").read_text())
+    edit(manifest)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=problem) as error:
+        EpisodeIndex(root, progress=False)
+    assert "manifest.json" in str(error.value) and "\n" not in str(error.value) and len(str(error.value)) < 400
+
+
+def test_a_manifest_entry_that_differs_from_its_bag_is_skipped(expert_dataset, tmp_path):
+    """The bag's metadata is CRC-protected, the manifest is not: the bag wins."""
+    root = copy_dataset(expert_dataset, tmp_path)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["episodes"][1]["task"] = "push"
+    manifest["episodes"][2]["bytes"] += 1
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.warns(CorruptEpisodeWarning) as caught:
+        index = EpisodeIndex(root, progress=False)
+    messages = sorted(str(w.message) for w in caught)
+    assert "episode_000001: the manifest's entry differs from the bag in ['task']" in messages[0]
+    assert "episode_000002: the manifest's entry differs from the bag in its size" in messages[1]
+    assert [e["episode"] for e in index.episodes] == [0]
+
+
+def test_non_finite_samples_are_rejected_at_indexing(tmp_path, handmade):
+    """One NaN in a recording skips its episode (it would make every statistic and loss NaN)."""
+    root = tmp_path / "data"
+    info = {"task": "reach", "instruction": "touch the red ball", "seed": 0, "success": True, "steps": 2,
+            "control_hz": 10}
+    nan_imu = lambda key, t, fields: fields | {"angular_velocity": {"x": np.nan, "y": 0.0, "z": 0.0}} if (
+        key == "imu" and t == 1) else fields
+    with DatasetWriter(root, log=lambda *a: None) as dataset:
+        for episode, edit in enumerate([None, nan_imu, None]):
+            name = episode_name(episode)
+            handmade(root / name, info=info | {"episode": episode}, edit=edit)
+            dataset.add(info | {"episode": episode, "path": name, "bytes": dir_bytes(root / name)})
+    with pytest.warns(CorruptEpisodeWarning, match=r"episode_000001: /imu/data: 1 message\(s\) with NaN"):
+        index = EpisodeIndex(root, progress=False)
+    assert [e["episode"] for e in index.episodes] == [0, 2] and np.isfinite(index.stats["imu"]["std"]).all()

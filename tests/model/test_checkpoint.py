@@ -144,6 +144,26 @@ def _flip_weights(path):
             "model.safetensors",
             "truncated or corrupt",
         ),
+        (
+            lambda p: _edit_config(p, lambda m: m["lm_config"].update(vocab_size=10**9)),
+            "config.json",
+            "LM vocabulary has 1000000000 ids",
+        ),
+        (
+            lambda p: _edit_config(  # consistent, but 8 GB: refused before any of it is allocated
+                p, lambda m: (m["model"].update(hidden_size=16384), m["lm_config"].update(hidden_size=16384))
+            ),
+            "model.safetensors",
+            "has shape",
+        ),
+        (lambda p: _edit_config(p, lambda m: m["lm_config"].update(hidden_size="x")), "config.json", "invalid"),
+        (lambda p: _edit_config(p, lambda m: m["lm_config"].update(num_key_value_heads=-1)), "config.json", "build"),
+        (lambda p: _edit_config(p, lambda m: m["lm_config"].update(return_dict=False)), "config.json", "return_dict"),
+        (
+            lambda p: _edit_config(p, lambda m: m["lm_config"].update(output_hidden_states=1e308)),
+            "config.json",
+            "output_hidden_states",
+        ),
         (lambda p: (p / "tokenizer.json").unlink(), "tokenizer.json", "missing"),
         (lambda p: _edit_config(p, lambda m: m["tokenizer"].update(text_vocab_size=5)), "tokenizer.json", "5"),
     ],
@@ -154,6 +174,19 @@ def test_corrupt_or_mismatched_checkpoints_fail_clearly(saved, tmp_path, damage,
     with pytest.raises(CheckpointError, match=message) as error:
         load_checkpoint(path)
     assert file in str(error.value) and len(str(error.value)) < 1000
+
+
+def test_checkpoints_without_a_checksum_and_with_another_dtype_load(saved, tmp_path, observations):
+    """Checkpoints saved before the weights' checksum (policies/checkpoints/default is one) still load;
+    a dtype in the LM config does not change the float32 model that is built."""
+    model, processor, _ = saved
+    path = copy_of(saved, tmp_path)
+    _edit_config(path, lambda m: (m.pop("weights_sha256"), m["lm_config"].update(dtype="float16")))
+    loaded, loaded_processor = load_checkpoint(path)
+    assert next(loaded.parameters()).dtype == torch.float32
+    obs = observations(2)
+    expected = torch_runtime(model, processor).predict(obs)
+    np.testing.assert_array_equal(torch_runtime(loaded, loaded_processor).predict(obs), expected)
 
 
 def test_not_a_directory(tmp_path):

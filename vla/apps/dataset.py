@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import cv2
@@ -19,7 +20,7 @@ from vla.apps.video import annotate, write_video
 from vla.contracts.action import ACTION_NAMES
 from vla.data.dataset import load_manifest, require_dataset
 from vla.data.index import STATS_FILE, EpisodeIndex
-from vla.data.reader import Episode, read_episode
+from vla.data.reader import Episode, EpisodeError, read_episode
 
 VIDEO_HEIGHT = 384
 TEXT_BAND = 128  # black band above the image for the overlay (4 lines of vla.apps.video.annotate), hiding none of it
@@ -55,7 +56,7 @@ def info(args) -> int:
         table.add_column(column, justify="left" if column == "task" else "right")
     for task in sorted({e["task"] for e in episodes}) + ["all"]:
         rows = [e for e in episodes if task in ("all", e["task"])]
-        table.add_row(task, str(len(rows)), f"{100 * np.mean([e['success'] for e in rows]):.1f} %",
+        table.add_row(task, str(len(rows)), f"{100 * np.mean([e['success'] is True for e in rows]):.1f} %",
                       f"{np.mean([e['steps'] for e in rows]):.1f}", f"{np.mean([e['bytes'] for e in rows]) / 1e6:.3f}",
                       style="bold" if task == "all" else None)
     console = Console()
@@ -130,7 +131,14 @@ def plot(args) -> int:
         paths = [target / e["path"] for e in load_manifest(target)[: args.max_episodes]]
     else:
         paths = [target]
-    episodes = [read_episode(p) for p in paths]
+    episodes = []
+    for path in paths:
+        try:
+            episodes.append(read_episode(path))
+        except (EpisodeError, FileNotFoundError) as exc:  # a damaged episode does not hide the others
+            print(f"skipping {exc}", file=sys.stderr)
+    if not episodes:
+        raise ValueError(f"{target}: no readable episode to plot")
     fig, axes = plt.subplots(len(ACTION_NAMES), 1, figsize=(8, 12), sharex=True)
     for episode in episodes:
         t = (episode.action_stamps - episode.action_stamps[0]) / 1e9

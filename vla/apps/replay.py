@@ -70,9 +70,10 @@ def replay(path: str | Path, video: str | Path | None = None) -> ReplayReport:
 
 def _sim_config(episode: Episode) -> SimConfig:
     values = episode.info.get("sim_config")
-    if not isinstance(values, dict):
+    if not isinstance(values, dict) or not isinstance(episode.info["seed"], int):
         raise ValueError(
-            f"{episode.path}: not a sim episode (no sim_config mapping in its metadata); only sim episodes replay"
+            f"{episode.path}: not a sim episode (no sim_config mapping or seed in its metadata); "
+            "only sim episodes replay"
         )
     return SimConfig.from_dict(values | {"gui": False}, f"{episode.path}: sim_config")
 

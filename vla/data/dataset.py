@@ -16,12 +16,13 @@ import shutil
 import time
 from pathlib import Path
 
-from vla.data.reader import EpisodeError, read_episode
+from vla.data.reader import EpisodeError, info_problem, read_episode
 from vla.files import fsync_dir, write_text_atomic
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "vla-dataset/1"
 PARTIAL = ".partial"
+DAMAGED = ".damaged"  # unlisted bags that did not read, set aside by a collection's repair
 LOCK = ".lock"
 # The manifest is rewritten at most this often (and on close): rewriting it after every episode
 # costs O(episodes^2) bytes over a long collection. Episodes finished since the last write are
@@ -50,18 +51,45 @@ def publish_episode(root: str | Path, episode_id: int) -> str:
 
 
 def load_manifest(root: str | Path) -> list[dict]:
-    """The finished episodes listed in root/manifest.json ([] when there is none yet)."""
+    """The finished episodes listed in root/manifest.json ([] when there is none yet), each entry
+    checked (ValueError naming the entry and the problem)."""
     path = Path(root) / MANIFEST
     if not path.exists():
         return []
     try:
         manifest = json.loads(path.read_text())
-        episodes = manifest["episodes"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ValueError(f"{path}: not a valid dataset manifest: {exc}") from None
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise ValueError(f"{path}: unknown manifest format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+    found = manifest.get("format") if isinstance(manifest, dict) else None
+    if found != MANIFEST_FORMAT:
+        raise ValueError(f"{path}: unknown manifest format {str(found)[:40]!r}, expected {MANIFEST_FORMAT!r}")
+    episodes = manifest.get("episodes")
+    if not isinstance(episodes, list):
+        raise ValueError(f"{path}: not a valid dataset manifest: 'episodes' is not a list")
+    for i, entry in enumerate(episodes):
+        problem = _entry_problem(entry)
+        if problem:
+            raise ValueError(f"{path}: episode entry {i}: {problem}")
+    for key in ("episode", "path"):
+        values = [e[key] for e in episodes]
+        if len(set(values)) < len(values):
+            raise ValueError(f"{path}: an episode {key} is listed twice")
     return episodes
+
+
+def _entry_problem(entry) -> str | None:
+    """What is wrong with a manifest entry (episode metadata + episode, path, bytes), or None."""
+    problem = info_problem(entry)
+    if problem:
+        return problem
+    for key in ("episode", "bytes"):
+        value = entry.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            return f"{key}={str(value)[:40]!r} is not a count"
+    name = entry.get("path")
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
+        return f"path={str(name)[:40]!r} is not the name of an episode directory in the dataset"
+    return None
 
 
 def require_dataset(root: str | Path) -> Path:
@@ -76,7 +104,8 @@ def _check_writable_dataset(root: Path) -> None:
     if root.exists() and not root.is_dir():
         raise ValueError(f"{root} exists and is not a directory")
     if root.is_dir() and not (root / MANIFEST).exists():
-        foreign = [p.name for p in root.iterdir() if p.name not in (PARTIAL, LOCK) and not _EPISODE_DIR.match(p.name)]
+        foreign = [p.name for p in root.iterdir()
+                   if p.name not in (PARTIAL, LOCK, DAMAGED) and not _EPISODE_DIR.match(p.name)]
         if foreign:
             raise ValueError(
                 f"{root} is not empty and not a dataset (it holds {sorted(foreign)[:5]}); choose another --out"
@@ -135,9 +164,11 @@ class DatasetWriter:
                 continue
             try:
                 info = read_episode(path).info
-            except (EpisodeError, FileNotFoundError) as exc:
-                self.log(f"discarding {path}: not in the manifest and unreadable ({exc})")
-                shutil.rmtree(path)
+            except (EpisodeError, FileNotFoundError) as exc:  # kept aside: what was saved is never deleted
+                aside = self.root / DAMAGED / f"{path.name}-{time.time_ns()}"
+                self.log(f"moving {path} to {aside}: not in the manifest and unreadable ({exc})")
+                aside.parent.mkdir(exist_ok=True)
+                os.rename(path, aside)
                 continue
             self.log(f"repaired: {path} was complete but not in the manifest; listed it")
             self.add(info | {"episode": int(match.group(1)), "path": path.name, "bytes": dir_bytes(path)})

@@ -3,15 +3,20 @@
 The bags are parsed once into a cache of flat arrays under dataset_dir/.cache/<key>/ (raw binary
 files opened with np.memmap, plus meta.json), so that reading a sample is a few array slices.
 The key hashes the manifest and the size and mtime of every bag file, so changed bags rebuild it.
-Corrupt episodes are reported (CorruptEpisodeWarning naming the file and problem) and skipped.
+Corrupt episodes (and manifest entries that differ from their bag) are reported
+(CorruptEpisodeWarning naming the file and problem) and skipped. The cache is verified in full
+each time it is opened (format, sizes, and a CRC of meta.json and every array: ~1 GB/s) and
+rebuilt, with a warning, when damaged.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +24,11 @@ from tqdm import tqdm
 
 from vla.contracts.action import ACTION_DIM
 from vla.contracts.observation import IMU_CHANNELS, IMU_WINDOW, STATE_DIM
-from vla.data.dataset import MANIFEST, load_manifest, require_dataset
+from vla.data.dataset import MANIFEST, dir_bytes, load_manifest, require_dataset
 from vla.data.reader import EpisodeError, read_episode
 from vla.files import atomic_directory, write_text_atomic
 
-CACHE_FORMAT = 2  # bump when the cache layout or its content changes (2: actions paired by their twist)
+CACHE_FORMAT = 3  # bump when the cache layout or its content changes (2: actions paired by their twist, 3: CRC)
 CACHE = ".cache"
 STATS_FILE = "stats.json"
 QUANTILES = (0.01, 0.99)
@@ -45,10 +50,8 @@ class EpisodeIndex:
         self.root = require_dataset(dataset_dir)
         self.image_size, self.chunk = image_size, chunk
         manifest = load_manifest(self.root)
-        self.imu_window = imu_window or max(
-            (int(e.get("imu_window", IMU_WINDOW)) for e in manifest), default=IMU_WINDOW
-        )
-        self.cache_dir = _cached(self.root, manifest, image_size, self.imu_window, progress)
+        self.imu_window = imu_window or max((e.get("imu_window", IMU_WINDOW) for e in manifest), default=IMU_WINDOW)
+        self.cache_dir, self._meta = _cached(self.root, manifest, image_size, self.imu_window, progress)
         self._open()
         tasks = [tasks] if isinstance(tasks, str) else tasks
         self.selection = {"successful_only": successful_only, "tasks": sorted(tasks) if tasks else None}
@@ -114,7 +117,6 @@ class EpisodeIndex:
 
     # ---- cache -----------------------------------------------------------------------------------
     def _open(self) -> None:
-        self._meta = json.loads((self.cache_dir / "meta.json").read_text())
         for skipped in self._meta["skipped"]:
             warnings.warn(f"skipping corrupt episode {skipped}", CorruptEpisodeWarning, stacklevel=3)
         rows = self._meta["rows"]
@@ -140,18 +142,15 @@ class EpisodeIndex:
         return self._stats
 
     def _stored_stats(self) -> dict:
+        """Computed from the verified cache (stats.json is never read back: it is for people and other
+        tools) and stored when it changed."""
         path = self.root / STATS_FILE
-        tag = {"selection": self.selection, "cache": self.cache_dir.name}
-        try:
-            stored = json.loads(path.read_text())
-            if {k: stored.get(k) for k in tag} == tag:
-                return {k: stored[k] for k in ("action", "state", "imu")}
-        except (OSError, json.JSONDecodeError, KeyError, TypeError):
-            pass
         stats = compute_stats(self)
+        content = json.dumps({"selection": self.selection, "cache": self.cache_dir.name} | stats, indent=1)
         try:
-            write_text_atomic(path, json.dumps(tag | stats, indent=1))
-        except OSError as exc:
+            if not path.is_file() or path.read_text() != content:
+                write_text_atomic(path, content)
+        except (OSError, UnicodeDecodeError) as exc:
             warnings.warn(f"could not store the statistics in {path}: {exc}", stacklevel=3)
         return stats
 
@@ -184,22 +183,87 @@ def compute_stats(index: EpisodeIndex, samples: int = STATS_SAMPLES, seed: int =
 
 
 # ---- building the cache -------------------------------------------------------------------------
-def _cached(root: Path, manifest: list[dict], image_size: int, imu_window: int, progress: bool) -> Path:
-    """The cache directory for these bags and settings, built first if needed."""
+def _cached(root: Path, manifest: list[dict], image_size: int, imu_window: int, progress: bool) -> tuple[Path, dict]:
+    """The cache directory for these bags and settings and its meta.json, verified; built first if
+    absent, rebuilt (with a warning) if damaged."""
     prefix = f"s{image_size}-w{imu_window}-"
     cache_dir = root / CACHE / (prefix + _fingerprint(root, manifest, image_size, imu_window))
-    if (cache_dir / "meta.json").is_file():
-        return cache_dir
+    arrays = _array_specs(manifest, image_size, imu_window)
+    meta, problem = _verified(cache_dir, arrays)
+    if meta is not None:
+        return cache_dir, meta
+    if cache_dir.exists():
+        warnings.warn(f"{cache_dir}: damaged training cache ({problem}); rebuilding it", stacklevel=3)
+        _discard(cache_dir)
     _remove_abandoned(root / CACHE)
     # a cache directory is complete or absent; if another process built it first, its copy wins
     with atomic_directory(
         cache_dir, staging=root / CACHE / f".tmp-{cache_dir.name}-{os.getpid()}", replace=False
     ) as tmp:
-        _build(root, manifest, tmp, image_size, imu_window, progress)
+        _build(root, manifest, tmp, arrays, image_size, imu_window, progress)
     for stale in (root / CACHE).glob(prefix + "*"):  # caches of older versions of the bags
         if stale != cache_dir:
             shutil.rmtree(stale, ignore_errors=True)
-    return cache_dir
+    meta, problem = _verified(cache_dir, arrays)
+    if meta is None:
+        raise ValueError(f"{cache_dir}: the training cache just built is unusable ({problem})")
+    return cache_dir, meta
+
+
+def _array_specs(manifest: list[dict], image_size: int, imu_window: int) -> dict[str, list]:
+    """name -> [dtype, shape of one row] of the cache's arrays (lists, as they read back from JSON)."""
+    arrays = {
+        "images": ["uint8", [image_size, image_size, 3]],
+        "states": ["float32", [STATE_DIM]],
+        "imu": ["float32", [imu_window, IMU_CHANNELS]],
+        "actions": ["float32", [ACTION_DIM]],
+        "step": ["int32", []],
+        "instruction": ["int32", []],
+    }
+    if manifest and all(e.get("wrist_camera") for e in manifest):
+        arrays["wrist_images"] = ["uint8", [image_size, image_size, 3]]
+    return arrays
+
+
+def _verified(cache_dir: Path, arrays: dict) -> tuple[dict | None, str]:
+    """(meta.json's content, "") for an intact cache of `arrays`, else (None, what is wrong)."""
+    try:
+        meta = json.loads((cache_dir / "meta.json").read_text())
+    except FileNotFoundError:
+        return None, "no meta.json"
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        return None, f"meta.json unreadable: {str(exc)[:100]}"
+    if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT or meta.get("arrays") != arrays:
+        return None, "meta.json of another format"
+    rows = meta.get("rows")
+    for name, (dtype, shape) in arrays.items():
+        file = cache_dir / f"{name}.bin"
+        size = file.stat().st_size if file.is_file() else None
+        if not isinstance(rows, int) or size != rows * np.dtype(dtype).itemsize * math.prod(shape):
+            return None, f"{file.name} has {size} bytes for {rows} rows"
+    if meta.get("checksum") != _checksum(cache_dir, meta):
+        return None, "its content does not match its checksum"
+    return meta, ""
+
+
+def _checksum(cache_dir: Path, meta: dict) -> str:
+    """CRC-32 of meta.json's content (but the checksum) and of every array file."""
+    crc = zlib.crc32(json.dumps({k: v for k, v in meta.items() if k != "checksum"}, sort_keys=True).encode())
+    for name in meta["arrays"]:
+        with open(cache_dir / f"{name}.bin", "rb") as f:
+            while block := f.read(1 << 24):
+                crc = zlib.crc32(block, crc)
+    return f"{crc:08x}"
+
+
+def _discard(cache_dir: Path) -> None:
+    """Move a damaged cache out of the way (readers that have it open keep their maps) and delete it."""
+    trash = cache_dir.with_name(f".tmp-damaged-{cache_dir.name}-{os.getpid()}")
+    try:
+        os.rename(cache_dir, trash)
+    except FileNotFoundError:  # another process did it
+        return
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _fingerprint(root: Path, manifest: list[dict], image_size: int, imu_window: int) -> str:
@@ -227,24 +291,14 @@ def _remove_abandoned(cache_root: Path) -> None:
             pass
 
 
-def _build(root: Path, manifest: list[dict], out: Path, image_size: int, imu_window: int, progress: bool) -> None:
-    wrist = bool(manifest) and all(e.get("wrist_camera") for e in manifest)
-    arrays = {
-        "images": ("uint8", [image_size, image_size, 3]),
-        "states": ("float32", [STATE_DIM]),
-        "imu": ("float32", [imu_window, IMU_CHANNELS]),
-        "actions": ("float32", [ACTION_DIM]),
-        "step": ("int32", []),
-        "instruction": ("int32", []),
-    }
-    if wrist:
-        arrays["wrist_images"] = ("uint8", [image_size, image_size, 3])
+def _build(root: Path, manifest: list[dict], out: Path, arrays: dict, image_size: int, imu_window: int,
+           progress: bool) -> None:
     files = {name: open(out / f"{name}.bin", "wb") for name in arrays}
     episodes, skipped, instructions, rows = [], [], {}, 0
     try:
         for entry in tqdm(manifest, desc=f"indexing {root.name}", unit="episode", disable=not progress):
             try:
-                steps = _episode_steps(root / entry["path"], image_size, imu_window, wrist)
+                steps = _episode_steps(root / entry["path"], entry, image_size, imu_window, "wrist_images" in arrays)
             except (EpisodeError, FileNotFoundError) as exc:  # reported each time the cache is opened
                 skipped.append(str(exc))
                 continue
@@ -266,11 +320,15 @@ def _build(root: Path, manifest: list[dict], out: Path, image_size: int, imu_win
         "instructions": list(instructions),
         "skipped": skipped,
     }
-    (out / "meta.json").write_text(json.dumps(meta))
+    (out / "meta.json").write_text(json.dumps(meta | {"checksum": _checksum(out, meta)}))
 
 
-def _episode_steps(path: Path, image_size: int, imu_window: int, wrist: bool) -> dict:
-    steps = read_episode(path).steps(image_size, imu_window)
+def _episode_steps(path: Path, entry: dict, image_size: int, imu_window: int, wrist: bool) -> dict:
+    episode = read_episode(path)
+    differ = sorted(key for key, value in episode.info.items() if entry.get(key) != value)
+    if differ or entry["bytes"] != dir_bytes(path):  # the bag's metadata is CRC-protected, the manifest is not
+        raise EpisodeError(path, f"the manifest's entry differs from the bag in {differ[:3] or 'its size'}")
+    steps = episode.steps(image_size, imu_window)
     if wrist and steps["wrist_images"] is None:
         raise EpisodeError(path, "no wrist camera images although the dataset has a wrist camera")
     return steps

@@ -124,13 +124,17 @@ _TO_RGB = {"rgb8": None, "bgr8": cv2.COLOR_BGR2RGB, "rgba8": cv2.COLOR_RGBA2RGB,
            "mono8": cv2.COLOR_GRAY2RGB}
 _CHANNELS = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "mono8": 1}
 IMAGE_ENCODINGS = tuple(_TO_RGB)
+MAX_IMAGE_SIDE = 8192  # pixels: larger "images" are broken messages, not cameras (as vla.model.processor)
 
 
 def image_from_msg(msg) -> np.ndarray:
-    """uint8 H x W x 3 RGB from a sensor_msgs/Image; ValueError for encodings other than IMAGE_ENCODINGS."""
+    """uint8 H x W x 3 RGB from a sensor_msgs/Image; ValueError for encodings other than IMAGE_ENCODINGS,
+    an empty or absurd size, or too little data."""
     encoding = msg.encoding.lower()
     if encoding not in _TO_RGB:
         raise ValueError(f"unsupported image encoding {msg.encoding!r} (supported: {', '.join(IMAGE_ENCODINGS)})")
+    if not (0 < msg.height <= MAX_IMAGE_SIDE and 0 < msg.width <= MAX_IMAGE_SIDE):
+        raise ValueError(f"unusable image size {msg.width}x{msg.height}")
     channels = _CHANNELS[encoding]
     data = np.frombuffer(msg.data, dtype=np.uint8)
     if msg.step < msg.width * channels or len(data) < msg.step * msg.height:

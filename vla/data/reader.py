@@ -5,23 +5,36 @@ published with it (the policy node stamps a twist with the camera frame it answe
 that receives commands late then still pairs each with its own observation, not a newer one.
 
 Any bag with the standard topics works (sim or robot); every problem is an EpisodeError naming the
-file. Reading uses the `mcap` package with the standard ROS 2 message definitions: an order of
-magnitude faster than rosbags' AnyReader, which builds a typestore from every bag's embedded
-definitions (the tests use AnyReader as the independent reader).
+file, one line. Nothing read is trusted: the MCAP file is verified against its CRCs before it is
+parsed (vla.data.mcapfile), the metadata's types and ranges are checked, and states, IMU samples
+and actions must be finite and plausible (the observation and action contracts' limits), so that
+no NaN or absurd value reaches training. Messages are decoded with the standard ROS 2 message
+definitions: an order of magnitude faster than rosbags' AnyReader, which builds a typestore from
+every bag's embedded definitions (the tests use AnyReader as the independent reader).
 """
 from __future__ import annotations
 
 import json
 import struct
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
 import numpy as np
 import yaml
-from mcap.exceptions import McapError
-from mcap.reader import make_reader
+from rosbags.serde import SerdeError
 
+from vla.contracts.action import ACTION_HIGH, ACTION_LOW
+from vla.contracts.observation import (
+    IMAGE_SIZE,
+    IMU_LIMITS,
+    IMU_WINDOW,
+    INSTRUCTION_MAX_LENGTH,
+    STATE_LIMIT,
+    ObservationSpec,
+)
 from vla.contracts.topics import MSG_TYPES, TOPICS
+from vla.data.mcapfile import McapDamage, read_records
 from vla.data.messages import (
     TYPESTORE,
     action_from_msg,
@@ -33,18 +46,29 @@ from vla.data.messages import (
 from vla.data.writer import CUSTOM_DATA_KEY
 from vla.images import fit_image
 
+# Episode metadata fields (datasets/README.md) -> their types; seed and success are None in robot
+# recordings. REQUIRED_INFO must be present.
+INFO_TYPES = {"task": (str,), "instruction": (str,), "seed": (int, type(None)), "success": (bool, type(None)),
+              "steps": (int,), "control_hz": (int, float), "imu_window": (int,), "image_size": (int,),
+              "wrist_camera": (bool,), "imu_hz": (int, float), "episode": (int,), "sim_config": (dict,)}
 REQUIRED_INFO = ("task", "instruction", "seed", "success", "steps", "control_hz")
+MAX_CONTROL_HZ = 1000
+MAX_NAME = 100  # characters of a task name
+MAX_PROBLEM = 300  # characters of a problem description: values quoted in it are cut
 REQUIRED_TOPICS = ("image", "joint_states", "imu", "action")
 # Decoded topics (/vla/cmd_twist and /vla/gripper repeat /vla/action; only the twists' stamps are read).
 DECODED = REQUIRED_TOPICS + ("wrist_image", "instruction", "episode_info", "cmd_twist")
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-MCAP_MAGIC = b"\x89MCAP0\r\n"
 
 
 class EpisodeError(ValueError):
-    """A bag that cannot be used as an episode; the message names the file and the problem."""
+    """A bag that cannot be used as an episode; the message names the file and the problem, on one
+    line of bounded length."""
 
     def __init__(self, path: Path, problem: str):
+        problem = " ".join(str(problem).split())
+        if len(problem) > MAX_PROBLEM:
+            problem = problem[:MAX_PROBLEM] + "..."
         super().__init__(f"{path}: {problem}")
         self.path, self.problem = Path(path), problem
 
@@ -137,11 +161,14 @@ def read_episode(path: str | Path) -> Episode:
     silent = [TOPICS[k] for k in REQUIRED_TOPICS if not streams[k]]
     if silent:
         raise EpisodeError(path, f"missing topic(s) or no messages on {silent}")
-    info = _custom_info(path, meta) if meta else None
-    if info is None and streams["episode_info"]:
-        info = _parse_info(path, streams["episode_info"][-1])
-    if info is None:
+    text = (meta.get("custom_data") or {}).get(CUSTOM_DATA_KEY)
+    recorded = streams["episode_info"][-1] if streams["episode_info"] else None
+    if text is not None and recorded is not None and text != recorded:  # the message is CRC-protected, the YAML not
+        raise EpisodeError(path / "metadata.yaml", f"custom_data {CUSTOM_DATA_KEY!r} differs from the bag's "
+                           f"{TOPICS['episode_info']} (damaged or edited)")
+    if text is None and recorded is None:
         raise EpisodeError(path, f"no episode metadata (custom_data {CUSTOM_DATA_KEY!r} or {TOPICS['episode_info']})")
+    info = _parse_info(path, text if text is not None else recorded)
     return _episode(path, info, streams, stamps)
 
 
@@ -149,10 +176,15 @@ def _bag_metadata(path: Path) -> dict:
     file = path / "metadata.yaml"
     try:
         meta = yaml.load(file.read_text(), Loader=_YAML_LOADER)["rosbag2_bagfile_information"]
-        meta["relative_file_paths"]
-        return meta
-    except (yaml.YAMLError, KeyError, TypeError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError, KeyError, TypeError) as exc:
         raise EpisodeError(file, f"invalid rosbag2 metadata: {exc!r}") from None
+    files = meta.get("relative_file_paths") if isinstance(meta, dict) else None
+    if not isinstance(files, list) or not all(isinstance(name, str) for name in files):
+        raise EpisodeError(file, "invalid rosbag2 metadata: relative_file_paths is not a list of file names")
+    custom = meta.get("custom_data")
+    if custom is not None and not (isinstance(custom, dict) and all(isinstance(v, str) for v in custom.values())):
+        raise EpisodeError(file, "invalid rosbag2 metadata: custom_data is not a mapping of strings")
+    return meta
 
 
 def _storage_files(path: Path, meta: dict) -> list[Path]:
@@ -163,7 +195,7 @@ def _storage_files(path: Path, meta: dict) -> list[Path]:
         raise EpisodeError(path, f"storage {storage!r} is not supported, only mcap (`ros2 bag convert` converts)")
     if meta.get("compression_mode") or meta.get("compression_format"):
         raise EpisodeError(
-            path, f"{meta.get('compression_mode')} compression is not supported (MCAP chunk compression is)"
+            path, f"{meta.get('compression_mode')!r} compression is not supported (MCAP chunk compression is)"
         )
     files = [path / PurePath(name).name for name in meta["relative_file_paths"]]
     missing = [str(f) for f in files if not f.is_file()]
@@ -172,64 +204,92 @@ def _storage_files(path: Path, meta: dict) -> list[Path]:
     return files
 
 
-def _custom_info(path: Path, meta: dict) -> dict | None:
-    custom = meta.get("custom_data") or {}
-    return _parse_info(path, custom[CUSTOM_DATA_KEY]) if CUSTOM_DATA_KEY in custom else None
-
-
 def _parse_info(path: Path, text: str) -> dict:
     try:
         info = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise EpisodeError(path, f"episode metadata is not valid JSON: {exc}") from None
-    missing = [key for key in REQUIRED_INFO if key not in info] if isinstance(info, dict) else list(REQUIRED_INFO)
-    if missing:
-        raise EpisodeError(path, f"episode metadata lacks {missing}")
+    problem = info_problem(info)
+    if problem:
+        raise EpisodeError(path, problem)
     return info
+
+
+def info_problem(info) -> str | None:
+    """What is wrong with episode metadata (REQUIRED_INFO, INFO_TYPES and the observation contract's
+    bounds), or None. Also used for the manifest's entries."""
+    if not isinstance(info, dict):
+        return f"episode metadata is a {type(info).__name__}, not a mapping"
+    missing = [key for key in REQUIRED_INFO if key not in info]
+    if missing:
+        return f"episode metadata lacks {missing}"
+    for key, types in INFO_TYPES.items():
+        value = info.get(key)
+        if key in info and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
+            return f"episode metadata {key}={_quote(value)} is not {' or '.join(t.__name__ for t in types)}"
+    if not 0 < info["control_hz"] <= MAX_CONTROL_HZ or info["steps"] < 0 or (info["seed"] or 0) < 0:
+        return (f"episode metadata control_hz={info['control_hz']!r}, steps={info['steps']!r} or "
+                f"seed={info['seed']!r} is out of range")
+    if not 0 < len(info["task"]) <= MAX_NAME or len(info["instruction"]) > INSTRUCTION_MAX_LENGTH:
+        return (f"episode metadata task={_quote(info['task'])} or instruction={_quote(info['instruction'])} "
+                "is empty or too long")
+    try:
+        ObservationSpec(info.get("image_size", IMAGE_SIZE), info.get("imu_window", IMU_WINDOW))
+    except ValueError as exc:
+        return f"episode metadata: {exc}"
+    return None
+
+
+def _quote(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:40] + "..."
 
 
 def _read_mcap(file: Path, streams: dict, stamps: dict) -> None:
     """Append the decoded messages of the known topics in `file` to streams/stamps."""
     keys = {TOPICS[key]: key for key in DECODED}
     try:
-        with open(file, "rb") as f:
-            if f.read(8) != MCAP_MAGIC:
-                raise EpisodeError(file, "not an MCAP file (bad magic)")
-            f.seek(-8, 2)
-            if f.read(8) != MCAP_MAGIC:
-                raise EpisodeError(file, "truncated MCAP: no end magic (the recording did not finish)")
-            f.seek(0)
-            reader = make_reader(f)
-            _check_channels(file, reader.get_summary())
-            for schema, channel, message in reader.iter_messages(topics=list(keys)):
-                key = keys[channel.topic]
-                msg = TYPESTORE.deserialize_cdr(message.data, schema.name)
-                if key == "cmd_twist":  # ordered by when it was logged, beside the action logged with it
-                    stamps[key].append(message.log_time)
-                    streams[key].append(stamp_from_header(msg.header))
-                    continue
-                stamps[key].append(stamp_from_header(msg.header) if hasattr(msg, "header") else message.log_time)
-                streams[key].append(_convert(file, key, msg))
+        schemas, channels, messages = read_records(file.read_bytes())
+        topics = _check_channels(file, schemas, channels)
+        for message in messages:
+            channel = channels.get(message.channel_id)
+            if channel is None:
+                raise EpisodeError(file, f"a message on channel {message.channel_id}, which the file does not define")
+            key = keys.get(topics.get(channel.id))
+            if key is None:
+                continue
+            msg = TYPESTORE.deserialize_cdr(message.data, schemas[channel.schema_id].name)
+            if key == "cmd_twist":  # ordered by when it was logged, beside the action logged with it
+                stamps[key].append(message.log_time)
+                streams[key].append(stamp_from_header(msg.header))
+                continue
+            stamps[key].append(stamp_from_header(msg.header) if hasattr(msg, "header") else message.log_time)
+            streams[key].append(_convert(file, key, msg))
     except EpisodeError:
         raise
-    except (McapError, struct.error, OSError, EOFError) as exc:
-        raise EpisodeError(file, f"cannot read MCAP (truncated or corrupt?): {exc!r}") from None
-    except (ValueError, KeyError, IndexError, TypeError, AssertionError) as exc:
+    except McapDamage as exc:
+        raise EpisodeError(file, str(exc)) from None
+    except OSError as exc:
+        raise EpisodeError(file, f"cannot read: {exc!r}") from None
+    except (SerdeError, struct.error, ValueError, KeyError, IndexError, TypeError, AssertionError) as exc:
         raise EpisodeError(file, f"bad message: {exc!r}") from None
 
 
-def _check_channels(file: Path, summary) -> None:
-    if summary is None:
-        raise EpisodeError(file, "MCAP without summary section (not written by a rosbag2 writer?)")
+def _check_channels(file: Path, schemas: dict, channels: dict) -> dict[int, str]:
+    """channel id -> topic of the channels of known topics, each with its standard type in CDR."""
     keys = {topic: key for key, topic in TOPICS.items()}
-    for channel in summary.channels.values():
-        if channel.topic not in keys:
-            continue
-        expected, schema = MSG_TYPES[keys[channel.topic]], summary.schemas.get(channel.schema_id)
+    known = {cid: channel.topic for cid, channel in channels.items() if channel.topic in keys}
+    for cid, topic in known.items():
+        channel, expected = channels[cid], MSG_TYPES[keys[topic]]
+        schema = schemas.get(channel.schema_id)
         if channel.message_encoding != "cdr":
-            raise EpisodeError(file, f"{channel.topic}: message encoding {channel.message_encoding!r}, expected 'cdr'")
+            raise EpisodeError(file, f"{topic}: message encoding {channel.message_encoding!r}, expected 'cdr'")
         if schema is None or schema.name != expected:
-            raise EpisodeError(file, f"{channel.topic}: type {getattr(schema, 'name', None)}, expected {expected}")
+            raise EpisodeError(file, f"{topic}: type {getattr(schema, 'name', None)}, expected {expected}")
+    repeated = sorted(topic for topic, n in Counter(known.values()).items() if n > 1)
+    if repeated:
+        raise EpisodeError(file, f"topic(s) {repeated} recorded on several channels")
+    return known
 
 
 def _convert(file: Path, key: str, msg):
@@ -246,8 +306,12 @@ def _convert(file: Path, key: str, msg):
 
 def _episode(path: Path, info: dict, streams: dict, stamps: dict) -> Episode:
     def ordered(key):  # messages sorted by stamp (log order may differ from header stamps on robots)
-        order = np.argsort(np.asarray(stamps[key], dtype=np.int64), kind="stable")
-        return [streams[key][i] for i in order], np.asarray(stamps[key], dtype=np.int64)[order]
+        try:
+            times = np.asarray(stamps[key], dtype=np.int64)
+        except OverflowError:  # a log time beyond 2^63 ns
+            raise EpisodeError(path, f"{TOPICS[key]}: a time stamp out of range") from None
+        order = np.argsort(times, kind="stable")
+        return [streams[key][i] for i in order], times[order]
 
     images, image_stamps = ordered("image")
     wrist, wrist_stamps = ordered("wrist_image") if streams["wrist_image"] else (None, None)
@@ -257,7 +321,7 @@ def _episode(path: Path, info: dict, streams: dict, stamps: dict) -> Episode:
     twist_stamps, twist_logged = ordered("cmd_twist")
     action_stamps = _answered_stamps(action_logged, twist_logged, np.asarray(twist_stamps, dtype=np.int64))
     instructions, instruction_stamps = ordered("instruction")
-    return Episode(
+    episode = Episode(
         path,
         info,
         images,
@@ -274,6 +338,29 @@ def _episode(path: Path, info: dict, streams: dict, stamps: dict) -> Episode:
         instruction_stamps,
         action_logged,
     )
+    if info["steps"] != len(episode.actions):
+        raise EpisodeError(path, f"the metadata says {info['steps']} steps, but the bag has {len(episode)} actions")
+    _check_values(episode)
+    return episode
+
+
+def _check_values(episode: Episode) -> None:
+    """Finite states, IMU samples and actions within the contracts' limits (what the runtime accepts,
+    so that training never sees NaN or absurd values), and camera images of one size."""
+    for key, values, low, high in (
+        ("joint_states", episode.states, -STATE_LIMIT, STATE_LIMIT),
+        ("imu", episode.imu, -IMU_LIMITS, IMU_LIMITS),
+        ("action", episode.actions, ACTION_LOW - 1e-6, ACTION_HIGH + 1e-6),
+    ):
+        bad = ~(np.isfinite(values) & (values >= low) & (values <= high)).all(axis=1)
+        if bad.any():
+            first = np.round(values[bad][0], 4).tolist()
+            raise EpisodeError(episode.path, f"{TOPICS[key]}: {bad.sum()} message(s) with NaN, inf or values beyond "
+                               f"the limits (first: {first})")
+    for key, images in (("image", episode.images), ("wrist_image", episode.wrist_images or [])):
+        shapes = sorted({image.shape for image in images})
+        if len(shapes) > 1:
+            raise EpisodeError(episode.path, f"{TOPICS[key]}: the image size changes within the episode ({shapes[:2]})")
 
 
 def _answered_stamps(action_logged: np.ndarray, twist_logged: np.ndarray, twist_stamps: np.ndarray) -> np.ndarray:

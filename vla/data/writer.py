@@ -1,4 +1,4 @@
-"""Write one episode as a rosbag2 directory (metadata.yaml + zstd-chunked MCAP) without ROS."""
+"""Write one episode as a rosbag2 directory (metadata.yaml + zstd-chunked MCAP with CRCs) without ROS."""
 from __future__ import annotations
 
 import json
@@ -9,6 +9,7 @@ from rosbags.rosbag2 import Writer
 from rosbags.rosbag2.enums import CompressionFormat, CompressionMode, StoragePlugin
 
 from vla.contracts.topics import MSG_TYPES, TOPICS
+from vla.data.mcapfile import add_crcs
 from vla.data.messages import TYPESTORE, serialize, string_fields
 from vla.files import fsync_tree
 
@@ -55,12 +56,15 @@ class EpisodeWriter:
         self._last_stamp = max(self._last_stamp, int(stamp_ns))
 
     def close(self, info: dict) -> None:
-        """Store the episode metadata (custom_data and /vla/episode_info), finish the bag and fsync it,
-        so that a completed bag survives a crash that follows."""
+        """Store the episode metadata (custom_data and /vla/episode_info), finish the bag, fill in
+        the MCAP CRCs that rosbags leaves at 0 (readers verify them) and fsync it, so that a
+        completed bag survives a crash that follows."""
         text = json.dumps(info, sort_keys=True)
         self.write("episode_info", self._last_stamp, string_fields(text))
         self._writer.set_custom_data(CUSTOM_DATA_KEY, text)
         self._writer.close()
+        for file in self.path.glob("*.mcap"):
+            add_crcs(file)
         fsync_tree(self.path)
 
     def abort(self) -> None:

@@ -148,16 +148,41 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         raise CheckpointError(str(exc)[:MAX_ERROR_CHARS * 2]) from None
     stats = _check_stats(meta["stats"], config, config_file)
     tokenizer = _load_tokenizer(path, meta)
-    lm_config = dict(meta["lm_config"])
-    try:
-        lm_config = AutoConfig.for_model(lm_config.pop("model_type"), **lm_config)
-        _check_lm_config(config, lm_config, config_file)
-        processor = Processor(config, stats, tokenizer)
-        model = VLAModel(config, stats, TokenIds.of(tokenizer, config), AutoModelForCausalLM.from_config(lm_config))
-    except (KeyError, ValueError, TypeError) as exc:
-        raise CheckpointError(f"{config_file}: cannot build the model: {_quote(str(exc))}") from None
-    _load_weights(model, path, meta.get("weights_sha256"))
+    shapes = _stored_shapes(path, meta.get("weights_sha256"))
+    lm_config = _lm_config(meta["lm_config"], config, config_file)
+
+    def build() -> tuple[VLAModel, Processor]:
+        try:
+            processor = Processor(config, stats, tokenizer)
+            lm = AutoModelForCausalLM.from_config(lm_config, dtype=torch.float32)
+            return VLAModel(config, stats, TokenIds.of(tokenizer, config), lm), processor
+        except Exception as exc:  # transformers and torch raise many types for values they cannot build
+            raise CheckpointError(f"{config_file}: cannot build the model: {_quote(str(exc))}") from None
+
+    with torch.device("meta"):  # the architecture without memory
+        _check_shapes(build()[0], shapes, path / WEIGHTS_FILE)
+    model, processor = build()
+    _load_weights(model, path / WEIGHTS_FILE)
     return model.to(device).eval(), processor
+
+
+# Switches of a transformers config that change what the LM returns; VLAModel relies on these values.
+LM_OUTPUTS = {"return_dict": True, "output_hidden_states": False, "output_attentions": False}
+
+
+def _lm_config(values: dict, config: ModelConfig, file: Path):
+    """The LM's transformers config from config.json's lm_config, checked against the model section."""
+    values = dict(values)
+    try:
+        lm_config = AutoConfig.for_model(values.pop("model_type"), **values)
+    except Exception as exc:  # transformers validates field types with its own exception types
+        raise CheckpointError(f"{file}: invalid lm_config: {_quote(str(exc))}") from None
+    changed = {key: getattr(lm_config, key, None) for key, value in LM_OUTPUTS.items()
+               if getattr(lm_config, key, None) is not value}
+    if changed:
+        raise CheckpointError(f"{file}: lm_config sets {_quote(changed)}; a VLA model needs {LM_OUTPUTS}")
+    _check_lm_config(config, lm_config, file)
+    return lm_config
 
 
 def _check_lm_config(config: ModelConfig, lm_config, file: Path) -> None:
@@ -216,7 +241,8 @@ def _load_tokenizer(path: Path, meta: dict):
     return tokenizer
 
 
-def _load_weights(model: VLAModel, path: Path, sha256: str | None) -> None:
+def _stored_shapes(path: Path, sha256: str | None) -> dict[str, list[int]]:
+    """The name and shape of every tensor in the weights file, after checking its checksum."""
     file = path / WEIGHTS_FILE
     if not file.is_file():
         raise CheckpointError(f"{file}: missing (the weights)")
@@ -224,15 +250,20 @@ def _load_weights(model: VLAModel, path: Path, sha256: str | None) -> None:
         raise CheckpointError(f"{file}: the weights do not match the checksum in config.json (damaged or replaced)")
     try:
         with safetensors.safe_open(str(file), "pt") as f:
-            shapes = {name: list(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118 (a safe_open handle, not a dict)
+            return {name: list(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118 (a safe_open handle, not a dict)
     except (safetensors.SafetensorError, OSError) as exc:
         raise CheckpointError(
             f"{file}: not a readable safetensors file (truncated or corrupt?): {_quote(str(exc))}"
         ) from None
-    expected = model.state_dict()
-    tied = defaultdict(list)  # tied weights share storage and are stored under one of their names
+
+
+def _check_shapes(skeleton: VLAModel, shapes: dict[str, list[int]], file: Path) -> None:
+    """The weights file holds exactly the tensors of the model config.json describes (checked on the
+    meta device, before building a model that could ask for terabytes)."""
+    expected = skeleton.state_dict(keep_vars=True)
+    tied = defaultdict(list)  # tied weights are one tensor under several names, stored under one of them
     for name, tensor in expected.items():
-        tied[(tensor.data_ptr(), tuple(tensor.shape))].append(name)
+        tied[id(tensor)].append(name)
     problems = [f"missing {names[0]}" for names in tied.values() if not any(n in shapes for n in names)]
     problems += [f"unexpected {name}" for name in shapes if name not in expected]
     problems += [
@@ -243,6 +274,9 @@ def _load_weights(model: VLAModel, path: Path, sha256: str | None) -> None:
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise CheckpointError(f"{file}: does not match config.json ({shown})")
+
+
+def _load_weights(model: VLAModel, file: Path) -> None:
     try:
         safetensors.torch.load_model(model, str(file), strict=True)
     except (safetensors.SafetensorError, RuntimeError, OSError) as exc:

@@ -43,18 +43,15 @@ class Processor:
     def inputs(self, observations: dict | list[dict], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         """Observations (images of any size) -> the model's input tensors on `device`; ValueError
         naming the key for anything unusable (missing, wrong type or shape, NaN/inf, implausible)."""
-        if isinstance(observations, dict):
-            observations = [observations]
-        if not observations:
-            raise ValueError("no observations to process")
+        observations = _observation_list(observations)
         c = self.config
         inputs = {"image": self._images(observations, "image")}
         if c.wrist_camera:
             inputs["wrist_image"] = self._images(observations, "wrist_image")
         inputs["state"] = torch.from_numpy(np.stack(
-            [checked_reading("state", obs.get("state"), (c.state_dim,), STATE_LIMIT) for obs in observations]))
+            [_reading("state", obs.get("state"), (c.state_dim,), STATE_LIMIT) for obs in observations]))
         inputs["imu"] = torch.from_numpy(np.stack(
-            [checked_reading("imu", obs.get("imu"), (c.imu_window, IMU_CHANNELS), IMU_LIMITS) for obs in observations]))
+            [_reading("imu", obs.get("imu"), (c.imu_window, IMU_CHANNELS), IMU_LIMITS) for obs in observations]))
         inputs["text_ids"], inputs["text_mask"] = self.prompt.encode([instruction(obs) for obs in observations])
         return {name: tensor.to(device) for name, tensor in inputs.items()}
 
@@ -100,6 +97,32 @@ class Processor:
         batch["action_bins"] = torch.from_numpy(self.action_tokenizer.encode(samples["actions"]))
         batch["text_ids"], batch["text_mask"] = self.prompt.encode(list(samples["instruction"]))
         return batch
+
+
+def _observation_list(observations) -> list[dict]:
+    if isinstance(observations, dict):
+        return [observations]
+    if not isinstance(observations, (list, tuple)) or not observations:
+        raise ValueError(f"observations must be a dict or a non-empty list of dicts, got {_kind(observations)}")
+    others = sorted({_kind(obs) for obs in observations if not isinstance(obs, dict)})
+    if others:
+        raise ValueError(f"each observation must be a dict, got {others}")
+    return list(observations)
+
+
+def _reading(name: str, value, shape: tuple[int, ...], limit) -> np.ndarray:
+    """checked_reading of numbers only: numpy would also read strings and drop imaginary parts."""
+    try:
+        kind = np.asarray(value).dtype.kind
+    except (TypeError, ValueError):  # e.g. ragged nested lists
+        kind = "O"
+    if kind not in "iuf":
+        raise ValueError(f"observation {name!r} is not numeric: {_kind(value)}")
+    return checked_reading(name, value, shape, limit)
+
+
+def _kind(value) -> str:
+    return f"{type(value).__name__} {getattr(value, 'dtype', '')}".strip()
 
 
 def instruction(observation: dict) -> str:

@@ -1,0 +1,46 @@
+"""Fault injection on checkpoints and runtime inputs (benchmarks/fuzz.py, which runs the same at
+scale): damaged config.json values (wrong types, absurd sizes, statistics out of range), flipped,
+overwritten and truncated bytes in every checkpoint file, and malformed observations for
+`runtime.predict` on torch and onnxruntime. A checkpoint loads with the same actions or fails with
+a one-line CheckpointError; predict returns finite actions inside the limits or raises a one-line
+ValueError: never another exception, a hang, or damage silently accepted."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def load_fuzz():
+    name = "benchmarks_fuzz"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[2] / "benchmarks" / "fuzz.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+fuzz = load_fuzz()
+
+
+@pytest.fixture(scope="module")
+def fixtures(tmp_path_factory):
+    return fuzz.Fixtures(tmp_path_factory.mktemp("fuzz"), families=("checkpoint", "runtime"))
+
+
+def campaign(fixtures, family: str, count: int):
+    counts, bad = fuzz.campaign(fixtures, count, 0, [family], lambda case, work: fuzz.run_in_process(case, work, 60))
+    assert not bad, "\n".join(map(str, bad[:10]))
+    return {(family, kind, outcome): n for (family, kind, outcome), n in counts.items()}
+
+
+def test_damaged_checkpoints_fail_clearly_or_load_unchanged(fixtures):
+    counts = campaign(fixtures, "checkpoint", 60)
+    assert counts.get(("checkpoint", "model_bytes", "same"), 0) == 0  # the weights' sha256 catches every byte
+    assert counts[("checkpoint", "model_bytes", "error")] > 3 and counts[("checkpoint", "config_edit", "error")] > 5
+
+
+def test_malformed_observations_are_clear_errors_or_valid_actions(fixtures):
+    counts = campaign(fixtures, "runtime", 200)
+    for backend in ("torch", "onnx"):
+        assert counts[("runtime", backend, "error")] > 20 and counts[("runtime", backend, "valid")] > 5

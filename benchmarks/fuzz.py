@@ -2,6 +2,7 @@
 and malformed runtime inputs, each case classified by its outcome. Prints counts per outcome class.
 
     python benchmarks/fuzz.py [--cases 10000] [--seed 0] [--families episode,dataset,checkpoint,runtime]
+                              [--no-crcs]   (episodes recorded as before the writer filled in MCAP CRCs)
 
 Outcome classes:
   error       a clean error of the documented type (EpisodeError, ValueError, CheckpointError), one

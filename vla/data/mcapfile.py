@@ -23,13 +23,12 @@ from mcap.exceptions import McapError
 from mcap.records import Channel, Message, Schema
 
 MAGIC = b"\x89MCAP0\r\n"
-OP_CHUNK, OP_DATA_END, OP_FOOTER = 0x06, 0x0F, 0x02
+OP_FOOTER, OP_SCHEMA, OP_CHANNEL, OP_MESSAGE, OP_CHUNK, OP_DATA_END = 0x02, 0x03, 0x04, 0x05, 0x06, 0x0F
 RECORD = struct.Struct("<BQ")  # opcode, length of the body
 DATA_END = struct.Struct("<BQI")  # opcode, length, data_section_crc
 FOOTER = struct.Struct("<BQQQI")  # opcode, length, summary_start, summary_offset_start, summary_crc
 CHUNK = struct.Struct("<QQQI")  # message start and end time, uncompressed size, uncompressed CRC
 CHUNK_CRC = 24  # offset of the CRC in a chunk's body
-PARSED = {0x03: Schema.read, 0x04: Channel.read}  # and Message, which needs its length
 DECOMPRESS = {
     "": bytes,
     "zstd": lambda data: zstandard.ZstdDecompressor().decompressobj().decompress(data),  # grows with the output
@@ -117,9 +116,10 @@ def _parsed(data: memoryview, start: int):
     for _, opcode, body in _framed(data, start):
         if opcode == OP_CHUNK:
             yield from _parsed(memoryview(_chunk_records(body)), 0)
-        elif opcode in PARSED or opcode == 0x05:
-            stream = ReadDataStream(io.BytesIO(body))  # reading past the body raises EndOfFile
-            yield Message.read(stream, len(body)) if opcode == 0x05 else PARSED[opcode](stream)
+        elif opcode == OP_MESSAGE:
+            yield Message.read(ReadDataStream(io.BytesIO(body)), len(body))
+        elif opcode in (OP_SCHEMA, OP_CHANNEL):
+            yield (Schema if opcode == OP_SCHEMA else Channel).read(ReadDataStream(io.BytesIO(body)))
 
 
 def _chunk_records(body: memoryview) -> bytes:

@@ -14,6 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from vla.model import ModelConfig, create
 from vla.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from vla.model.text import build_tokenizer
+from vla.model.vlm import BackboneError
 from vla.runtime import torch_runtime
 
 CORPUS = ["touch the red cube", "reach the blue ball", "pick up the green cube"]
@@ -238,5 +239,5 @@ def test_pretrained_backbone_from_a_local_directory(tmp_path, stats, observation
 
 
 def test_missing_pretrained_directory(tmp_path, stats):
-    with pytest.raises(FileNotFoundError, match=r"config\.json"):
+    with pytest.raises(BackboneError, match=r"config\.json"):
         create(ModelConfig(pretrained=str(tmp_path / "nope")), stats, CORPUS)

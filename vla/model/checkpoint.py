@@ -1,14 +1,15 @@
 """Checkpoints: a directory like Hugging Face's save_pretrained, holding a model and its processor.
 
     config.json        format + version, ModelConfig, the dataset's statistics (action quantiles,
-                       state and IMU mean/std), the LM's transformers config, tokenizer facts, the
-                       weights' sha256, library versions, and whatever the trainer adds (its
-                       config, the step)
+                       state and IMU mean/std; a pretrained image encoder's mean/std), the LM's (or
+                       VLM's) transformers config, a pretrained vision encoder's, tokenizer facts
+                       (its size, the first action bin's id), the weights' sha256, library
+                       versions, and whatever the trainer adds (its config, the step)
     model.safetensors  all weights (safetensors: loading never unpickles code)
     tokenizer.json     the text tokenizer (+ tokenizer_config.json), PreTrainedTokenizerFast
 
-The checkpoint is self-contained: a pretrained backbone is rebuilt from the saved LM config, not
-from its original directory. A checkpoint directory appears only once complete. Loading checks
+The checkpoint is self-contained: a pretrained backbone is rebuilt from the saved transformers
+configs, not from its original directory. A checkpoint directory appears only once complete. Loading checks
 every file (the config's types and bounds, the statistics, the weights' checksum and shapes) and
 fails with CheckpointError naming the file and the problem.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,7 @@ import safetensors
 import safetensors.torch
 import torch
 import transformers
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 import vla
 from vla.config import ConfigError, from_dict, to_dict
@@ -32,9 +34,10 @@ from vla.contracts.action import ACTION_DIM, ACTION_HIGH, ACTION_LOW
 from vla.contracts.observation import IMU_CHANNELS, IMU_LIMITS, STATE_LIMIT
 from vla.files import atomic_directory
 from vla.model.config import ModelConfig
-from vla.model.model import VLAModel, build_lm, load_backbone
+from vla.model.model import VLAModel, build_lm, lm_from_config, load_backbone
 from vla.model.processor import Processor
 from vla.model.text import TokenIds, build_tokenizer
+from vla.model.vlm import image_statistics, load_vision_encoder
 
 FORMAT, FORMAT_VERSION = "vla-checkpoint", 1
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
@@ -52,14 +55,21 @@ def versions() -> dict[str, str]:
 
 def create(config: ModelConfig, stats: dict, corpus: list[str]) -> tuple[VLAModel, Processor]:
     """A new, untrained model and its processor: a from-scratch LM with a BPE tokenizer trained on
-    the instruction `corpus`, or the pretrained backbone of `config.pretrained` and its tokenizer."""
+    the instruction `corpus`, or the pretrained backbone of `config.pretrained` and its tokenizer;
+    a pretrained vision encoder for vision: pretrained. vlm.BackboneError (one line) for a backbone
+    directory that does not hold what the config asks for."""
+    if config.vision in ("pretrained", "vlm"):  # checked before any weights are read
+        stats = {**stats, "image": image_statistics(config)}
     if config.pretrained:
         tokenizer, lm = load_backbone(config)
     else:
         tokenizer = build_tokenizer(corpus, config.text_vocab_size)
         lm = build_lm(config, len(tokenizer) + config.action_bins, tokenizer.pad_token_id)
+    vision = load_vision_encoder(config.vision_pretrained) if config.vision == "pretrained" else None
     processor = Processor(config, stats, tokenizer)
-    return VLAModel(config, stats, processor.ids, lm), processor
+    # the bins are the table's last rows (after the tokenizer, and after a pretrained table's padding)
+    ids = replace(processor.ids, action_offset=lm.get_input_embeddings().num_embeddings - config.action_bins)
+    return VLAModel(config, stats, ids, lm, vision), processor
 
 
 def save_checkpoint(path: str | Path, model: VLAModel, processor: Processor, extra: dict | None = None,
@@ -74,7 +84,8 @@ def save_checkpoint(path: str | Path, model: VLAModel, processor: Processor, ext
         meta = {
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "model": to_dict(model.config), "stats": processor.stats, "lm_config": model.lm.config.to_dict(),
-            "tokenizer": {"text_vocab_size": model.action_offset, "action_token_offset": model.action_offset},
+            **({"vision_config": model.vision_tower.config.to_dict()} if model.config.vision == "pretrained" else {}),
+            "tokenizer": {"text_vocab_size": len(processor.tokenizer), "action_token_offset": model.action_offset},
             "weights_sha256": weights_sha256(staging), "versions": versions(), **(extra or {}),
         }
         (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=1, default=_jsonable))
@@ -148,14 +159,20 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         raise CheckpointError(str(exc)[:MAX_ERROR_CHARS * 2]) from None
     stats = _check_stats(meta["stats"], config, config_file)
     tokenizer = _load_tokenizer(path, meta)
+    offset = meta["tokenizer"].get("action_token_offset")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < len(tokenizer):
+        raise CheckpointError(f"{config_file}: tokenizer.action_token_offset must be an integer from the tokenizer's "
+                              f"size {len(tokenizer)} on, got {_quote(offset)}")
     shapes = _stored_shapes(path, meta.get("weights_sha256"))
     lm_config = _lm_config(meta["lm_config"], config, config_file)
+    vision_config = _vision_config(meta.get("vision_config"), config, config_file)
 
     def build() -> tuple[VLAModel, Processor]:
         try:
             processor = Processor(config, stats, tokenizer)
-            lm = AutoModelForCausalLM.from_config(lm_config, dtype=torch.float32)
-            return VLAModel(config, stats, TokenIds.of(tokenizer, config), lm), processor
+            ids = replace(TokenIds.of(tokenizer, config), action_offset=offset)
+            vision = AutoModel.from_config(vision_config, dtype=torch.float32) if vision_config else None
+            return VLAModel(config, stats, ids, lm_from_config(lm_config), vision), processor
         except Exception as exc:  # transformers and torch raise many types for values they cannot build
             raise CheckpointError(f"{config_file}: cannot build the model: {_quote(str(exc))}") from None
 
@@ -172,17 +189,29 @@ LM_OUTPUTS = {"return_dict": True, "output_hidden_states": False, "output_attent
 
 def _lm_config(values: dict, config: ModelConfig, file: Path):
     """The LM's transformers config from config.json's lm_config, checked against the model section."""
-    values = dict(values)
-    try:
-        lm_config = AutoConfig.for_model(values.pop("model_type"), **values)
-    except Exception as exc:  # transformers validates field types with its own exception types
-        raise CheckpointError(f"{file}: invalid lm_config: {_quote(str(exc))}") from None
-    changed = {key: getattr(lm_config, key, None) for key, value in LM_OUTPUTS.items()
-               if getattr(lm_config, key, None) is not value}
-    if changed:
-        raise CheckpointError(f"{file}: lm_config sets {_quote(changed)}; a VLA model needs {LM_OUTPUTS}")
+    lm_config = _transformers_config(values, "lm_config", file)
     _check_lm_config(config, lm_config, file)
     return lm_config
+
+
+def _vision_config(values, config: ModelConfig, file: Path):
+    """The vision encoder's transformers config (vision: pretrained), else None."""
+    if (config.vision == "pretrained") != isinstance(values, dict):
+        raise CheckpointError(f"{file}: a vision_config section goes with model.vision: pretrained, and only with it")
+    return _transformers_config(values, "vision_config", file) if values else None
+
+
+def _transformers_config(values: dict, section: str, file: Path):
+    values = dict(values)
+    try:
+        transformers_config = AutoConfig.for_model(values.pop("model_type"), **values)
+    except Exception as exc:  # transformers validates field types with its own exception types
+        raise CheckpointError(f"{file}: invalid {section}: {_quote(str(exc))}") from None
+    changed = {key: getattr(transformers_config, key, None) for key, value in LM_OUTPUTS.items()
+               if getattr(transformers_config, key, None) is not value}
+    if changed:
+        raise CheckpointError(f"{file}: {section} sets {_quote(changed)}; a VLA model needs {LM_OUTPUTS}")
+    return transformers_config
 
 
 def _check_lm_config(config: ModelConfig, lm_config, file: Path) -> None:
@@ -204,10 +233,13 @@ def _check_lm_config(config: ModelConfig, lm_config, file: Path) -> None:
 _STATS = {("action", "q01"): (ACTION_DIM, None, False), ("action", "q99"): (ACTION_DIM, None, False),
           ("state", "mean"): (None, STATE_LIMIT, False), ("state", "std"): (None, STATE_LIMIT, True),
           ("imu", "mean"): (IMU_CHANNELS, IMU_LIMITS, False), ("imu", "std"): (IMU_CHANNELS, IMU_LIMITS, True)}
+# a pretrained image encoder's normalisation, in pixel values
+_IMAGE_STATS = {("image", "mean"): (3, 1e4, False), ("image", "std"): (3, 1e4, True)}
 
 
 def _check_stats(stats: dict, config: ModelConfig, file: Path) -> dict:
-    for (group, key), (size, limit, positive) in _STATS.items():
+    groups = _STATS | (_IMAGE_STATS if config.vision in ("pretrained", "vlm") else {})
+    for (group, key), (size, limit, positive) in groups.items():
         size = size or config.state_dim
         section = stats.get(group)
         value = section.get(key) if isinstance(section, dict) else None

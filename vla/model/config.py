@@ -8,7 +8,8 @@ from vla.contracts.action import ACTION_DIM
 from vla.contracts.observation import IMAGE_SIZE, IMU_WINDOW, STATE_DIM, ObservationSpec
 
 DECODERS = ("parallel", "autoregressive")
-VISION_ENCODERS = ("cnn", "vit", "keypoints")
+FROM_SCRATCH_VISION = ("cnn", "vit", "keypoints")
+VISION_ENCODERS = (*FROM_SCRATCH_VISION, "pretrained", "vlm")
 # Upper bounds catch a damaged or mistyped config before it asks for terabytes.
 SIZE_LIMITS = {"image_size": 1024, "state_dim": 1024, "imu_window": 1000, "max_text_tokens": 512, "patch_size": 256,
                "keypoints": 1024, "vision_width": 8192, "vision_layers": 64, "hidden_size": 16384, "num_layers": 256,
@@ -30,10 +31,17 @@ class ModelConfig:
     prompt: str = "<image><state><imu>{instruction}"
     max_text_tokens: int = 12  # text tokens of the prompt; longer instructions are cut at the end
     # ---- vision ----
-    # "cnn": strided convolutions; "vit": patch embedding + transformer layers; both give
+    # From scratch: "cnn": strided convolutions; "vit": patch embedding + transformer layers; both give
     # (image_size / patch_size)^2 patch tokens (96 / 16 -> 36). "keypoints": `keypoints` tokens,
     # the expected image position of each channel of a convolutional feature map (spatial softmax).
+    # Pretrained: "pretrained": the transformers vision encoder (SigLIP, CLIP, DINOv2, ViT) in the local
+    # directory `vision_pretrained`, its patch features projected to the LM's hidden size; "vlm": the
+    # vision tower and connector of the VLM in `pretrained`. Both take images of the size their image
+    # processor config names (set image_size to it) and give (image_size / patch_size)^2 tokens, with
+    # patch_size the pixels per token side (SigLIP-B/16: 16; SmolVLM: 16 x pixel shuffle 4 = 64;
+    # Qwen2-VL: 14 x merge 2 = 28); a mismatch is refused with the values to set.
     vision: str = "cnn"
+    vision_pretrained: str = ""
     patch_size: int = 16
     keypoints: int = 32
     vision_width: int = 64
@@ -41,7 +49,8 @@ class ModelConfig:
     vision_film: bool = True  # condition the convolutions on the instruction (FiLM, RT-1)
     # ---- language model ----
     # Built from a transformers config of this model type and trained from scratch, unless
-    # `pretrained` names a local directory holding a causal LM (and its tokenizer).
+    # `pretrained` names a local directory holding a causal LM or, with vision: vlm, a VLM
+    # (Idefics3/SmolVLM, PaliGemma, Qwen2-VL, Qwen2.5-VL), and its tokenizer.
     lm_type: str = "llama"
     pretrained: str = ""
     hidden_size: int = 128
@@ -62,6 +71,10 @@ class ModelConfig:
         ObservationSpec(self.image_size, self.imu_window, self.wrist_camera)  # the observation contract's bounds
         if self.vision not in VISION_ENCODERS:
             raise ValueError(f"ModelConfig.vision must be one of {VISION_ENCODERS}, got {self.vision!r}")
+        if bool(self.vision_pretrained) != (self.vision == "pretrained"):
+            raise ValueError("ModelConfig.vision_pretrained (a directory) goes with vision: pretrained, only with it")
+        if self.vision == "vlm" and not self.pretrained:
+            raise ValueError("ModelConfig.vision: vlm needs pretrained: the directory of a VLM")
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"ModelConfig.image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})"
@@ -70,7 +83,7 @@ class ModelConfig:
             raise ValueError(
                 f"the cnn encoder halves the image per layer: patch_size must be a power of 2, got {self.patch_size}"
             )
-        if self.vision_film and self.vision == "vit":
+        if self.vision_film and self.vision not in ("cnn", "keypoints"):
             raise ValueError("ModelConfig.vision_film needs a convolutional encoder (vision: cnn or keypoints)")
         if not 2 <= self.action_bins <= 4096:
             raise ValueError(f"ModelConfig.action_bins must be in 2..4096, got {self.action_bins}")

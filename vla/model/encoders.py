@@ -1,5 +1,6 @@
 """Sensor encoders, each ending in a projector to the LM's hidden size (PaLM-E): camera image ->
-patch tokens, proprioceptive state -> one token, IMU window -> one token."""
+patch tokens (from scratch, or a pretrained vision encoder's), proprioceptive state -> one token,
+IMU window -> one token."""
 from __future__ import annotations
 
 import itertools
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vla.model.config import ModelConfig
+from vla.model.vlm import Normalise, check_patch_size
 
 STD_FLOOR = 1e-2  # dimensions (nearly) constant in the data must not blow up when they do vary
 NORMALISED_CLIP = 10.0
@@ -76,6 +78,34 @@ class ImageEncoder(nn.Module):
             x = x.flatten(2).transpose(1, 2)  # [B, patches, width]
         x = x + self.position
         return self.project(self.blocks(x) if self.vision == "vit" else x)
+
+
+# Pooling heads of vision encoders feed no patch feature: frozen, so that DDP waits for no gradient of theirs.
+POOLING_HEADS = {"clip_vision_model": "vision_model.post_layernorm", "siglip_vision_model": "vision_model.head",
+                 "vit": "pooler"}
+
+
+class PretrainedImageEncoder(nn.Module):
+    """uint8[B, H, W, 3] -> [B, config.image_tokens, hidden]: a pretrained transformers vision
+    encoder (vlm.load_vision_encoder), normalised as its image processor does, its last layer's patch
+    features (CLS and register tokens dropped) and a projector (LLaVA-1.5)."""
+
+    def __init__(self, config: ModelConfig, tower: nn.Module, stats: dict | None, hidden: int):
+        super().__init__()
+        c = tower.config
+        check_patch_size(config, c.patch_size, f"this {c.model_type} encoder")
+        self.normalise, self.tower, self.tokens = Normalise(stats), tower, config.image_tokens
+        pooling = dict(tower.named_modules()).get(POOLING_HEADS.get(c.model_type))
+        if pooling is not None:
+            pooling.requires_grad_(False)
+        # a size other than the tower's own interpolates its position embeddings (DINOv2 always does)
+        resize = not c.model_type.startswith("dinov2") and config.image_size != c.image_size
+        self.options = {"interpolate_pos_encoding": True} if resize else {}
+        self.project = projector(c.hidden_size, hidden)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        features = self.tower(pixel_values=self.normalise(image), **self.options).last_hidden_state
+        return self.project(features[:, -self.tokens :])  # the patches follow the CLS and register tokens
 
 
 class ConvStack(nn.Module):

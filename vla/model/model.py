@@ -6,8 +6,11 @@ The sequence, always the same length for a given config:
      "<image>x36 <state> <imu> touch the red cube"
 
 Sensor tokens come from the encoders (encoders.py), text tokens from the LM's embedding table;
-the image encoder is also FiLM-conditioned on the instruction's mean text embedding (RT-1), which
-is what made grounding "the red cube" in the image learnable from a few thousand demonstrations.
+a from-scratch image encoder is also FiLM-conditioned on the instruction's mean text embedding
+(RT-1), which is what made grounding "the red cube" in the image learnable from a few thousand
+demonstrations. The LM is a causal LM, or a whole pretrained VLM whose vision tower and connector
+are then the image encoder (vlm.py); the few ways its families differ (where positions start,
+Qwen's 3-D M-RoPE positions, PaliGemma's attention mask) are settled in __init__.
 Padding sits between the prompt and <act> and is masked out; position ids skip it. Action bin b
 is the token id `action_offset + b`: reserved ids after the text vocabulary. The action positions
 are filled either with the previous action tokens (autoregressive decoder, teacher-forced in
@@ -24,15 +27,15 @@ Reads top to bottom: construction, the prefix, the decoders, the training loss, 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForImageTextToText,
     DynamicCache,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     StaticCache,
@@ -40,9 +43,10 @@ from transformers import (
 
 from vla.contracts.action import ACTION_DIM
 from vla.contracts.observation import IMU_CHANNELS
-from vla.model.config import ModelConfig
-from vla.model.encoders import ImageEncoder, VectorEncoder
+from vla.model.config import FROM_SCRATCH_VISION, ModelConfig
+from vla.model.encoders import ImageEncoder, PretrainedImageEncoder, VectorEncoder
 from vla.model.text import TokenIds, load_pretrained_tokenizer
+from vla.model.vlm import MROPE_FAMILIES, VLM_FAMILIES, check_language_model, mrope_positions, vlm_image_encoder
 
 
 def build_lm(config: ModelConfig, vocab_size: int, pad_id: int) -> PreTrainedModel:
@@ -64,24 +68,33 @@ def build_lm(config: ModelConfig, vocab_size: int, pad_id: int) -> PreTrainedMod
 
 
 def load_backbone(config: ModelConfig) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
-    """A pretrained causal LM and its tokenizer from a local directory; its embedding table grows
-    by our special tokens and the action bins."""
-    if not Path(config.pretrained, "config.json").is_file():
-        raise FileNotFoundError(
-            f"pretrained backbone: no config.json in {config.pretrained!r} "
-            "(a local directory saved with save_pretrained)"
-        )
+    """A pretrained causal LM, or VLM (vision: vlm), and its tokenizer from a local directory; its
+    embedding table grows by our special tokens and the action bins (vlm.BackboneError, one line,
+    for a directory that does not hold what the config asks for)."""
+    check_language_model(config)
     tokenizer = load_pretrained_tokenizer(config.pretrained)
-    lm = AutoModelForCausalLM.from_pretrained(config.pretrained, dtype=torch.float32)
-    lm.resize_token_embeddings(len(tokenizer) + config.action_bins)
+    auto = AutoModelForImageTextToText if config.vision == "vlm" else AutoModelForCausalLM
+    lm = auto.from_pretrained(config.pretrained, dtype=torch.float32)
+    # Hub tables are often padded past the tokenizer (Qwen2-VL, PaliGemma): the bins go after both,
+    # so action_offset = rows - action_bins (checkpoints store it: the table alone no longer tells).
+    lm.resize_token_embeddings(max(len(tokenizer), lm.get_input_embeddings().num_embeddings) + config.action_bins)
     return tokenizer, lm
 
 
-class VLAModel(nn.Module):
-    """`stats`: the state and IMU normalisation statistics (mean, std per channel); `ids`: the
-    special token ids of the tokenizer the model was built with."""
+def lm_from_config(lm_config: PretrainedConfig) -> PreTrainedModel:
+    """An LM (or VLM) of a saved transformers config, randomly initialised: a checkpoint's skeleton."""
+    auto = AutoModelForImageTextToText if lm_config.model_type in VLM_FAMILIES else AutoModelForCausalLM
+    return auto.from_config(lm_config, dtype=torch.float32)
 
-    def __init__(self, config: ModelConfig, stats: dict, ids: TokenIds, lm: PreTrainedModel):
+
+class VLAModel(nn.Module):
+    """`stats`: the state, IMU (and, for a pretrained image encoder, image) normalisation statistics
+    (mean, std per channel); `ids`: the special token ids of the tokenizer the model was built with;
+    `lm`: a causal LM, or the VLM of vision: vlm; `vision`: the vision encoder of vision: pretrained."""
+
+    def __init__(
+        self, config: ModelConfig, stats: dict, ids: TokenIds, lm: PreTrainedModel, vision: nn.Module | None = None
+    ):
         super().__init__()
         self.config, self.ids, self.lm = config, ids, lm
         self.action_offset = ids.action_offset
@@ -92,8 +105,16 @@ class VLAModel(nn.Module):
                 f"+ {config.action_bins} action bins"
             )
         hidden = lm.get_input_embeddings().embedding_dim
-        self.image_encoder = ImageEncoder(config, hidden)
-        self.wrist_encoder = ImageEncoder(config, hidden) if "wrist_image" in config.sensors else None
+        if config.vision == "pretrained":
+            self.image_encoder = PretrainedImageEncoder(config, vision, stats.get("image"), hidden)
+        elif config.vision == "vlm":
+            self.image_encoder = vlm_image_encoder(lm, config, stats.get("image"))
+        else:
+            self.image_encoder = ImageEncoder(config, hidden)
+        # a pretrained encoder also reads the wrist camera; a from-scratch one is trained per camera
+        from_scratch = "wrist_image" in config.sensors and config.vision in FROM_SCRATCH_VISION
+        self.wrist_encoder = ImageEncoder(config, hidden) if from_scratch else None
+        self.vision_frozen = False
         self.state_encoder = (
             VectorEncoder((config.state_dim,), stats["state"]["mean"], stats["state"]["std"], hidden)
             if "state" in config.sensors
@@ -106,25 +127,50 @@ class VLAModel(nn.Module):
         )
         if "parallel" in config.decoders:
             self.action_queries = nn.Parameter(torch.randn(config.action_tokens, hidden) * 0.02)
+        # how the LM's family takes positions and masks (VLMs as they were pretrained)
+        family = lm.config.model_type
+        self.first_position = 1 if family == "paligemma" else 0  # PaliGemma counts positions from 1
+        self.mrope_side = config.image_size // config.patch_size if family in MROPE_FAMILIES else 0
+        self.prefix_attention = family == "paligemma"  # see _attention
 
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    @property
+    def vision_tower(self) -> nn.Module | None:
+        """The pretrained vision tower (vision: pretrained or vlm), without its projector or connector."""
+        return getattr(self.image_encoder, "tower", None)
+
+    def freeze_vision_tower(self) -> None:
+        """Keep the pretrained vision tower as it is; its projector or connector still trains."""
+        self.vision_tower.requires_grad_(False)
+        connector = getattr(self.image_encoder, "connector", None)
+        if connector is not None:  # Qwen's merger sits inside its tower
+            connector.requires_grad_(True)
+        self.vision_frozen = True
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.vision_frozen:  # no dropout or drop-path in a frozen tower: it stays as pretrained
+            self.vision_tower.eval()
+        return self
+
     # ---- the prefix: multimodal sentence -> embeddings ----------------------------------------
     def embed_prefix(self, image, state, imu, text_ids, text_mask, wrist_image=None):
-        """-> (embeddings [B, L, D], attention mask [B, L], position ids [B, L])."""
+        """-> (embeddings [B, L, D], attention mask [B, L], position ids [B, L] (Qwen: [3, B, L]))."""
         embeds = self.lm.get_input_embeddings()(text_ids)
         is_sensor = torch.zeros_like(text_mask)
         for token_id in self.ids.placeholders.values():
             is_sensor = is_sensor | (text_ids == token_id)
-        condition = None
+        film = ()
         if self.config.vision_film:  # the instruction's summary: mean embedding of its text tokens
             is_text = (text_mask & ~is_sensor & (text_ids != self.ids.action_start)).unsqueeze(-1).to(embeds.dtype)
-            condition = (embeds * is_text).sum(1) / is_text.sum(1).clamp(min=1.0)
+            film = ((embeds * is_text).sum(1) / is_text.sum(1).clamp(min=1.0),)
         encoders = {
-            "image": lambda: self.image_encoder(image, condition),
-            "wrist_image": lambda: self.wrist_encoder(wrist_image, condition),
+            "image": lambda: self.image_encoder(image, *film),
+            "wrist_image": lambda: (self.wrist_encoder or self.image_encoder)(wrist_image, *film),
             "state": lambda: self.state_encoder(state),
             "imu": lambda: self.imu_encoder(imu),
         }
@@ -135,13 +181,36 @@ class VLAModel(nn.Module):
         slot = (is_sensor.long().cumsum(1) - 1).clamp(min=0)
         gathered = tokens.gather(1, slot.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
         embeds = torch.where(is_sensor.unsqueeze(-1), gathered.to(embeds.dtype), embeds)
-        positions = (text_mask.long().cumsum(1) - 1).clamp(min=0)  # padding does not shift positions
-        return embeds, text_mask, positions
+        return embeds, text_mask, self._positions(text_ids, text_mask)
+
+    def _positions(self, text_ids, mask) -> torch.Tensor:
+        """Position ids [B, L] (padding does not shift them), or Qwen's M-RoPE ids [3, B, L]."""
+        if self.mrope_side:
+            is_image = torch.zeros_like(mask)
+            for sensor in ("image", "wrist_image"):
+                if sensor in self.ids.placeholders:
+                    is_image = is_image | (text_ids == self.ids.placeholders[sensor])
+            return mrope_positions(mask, is_image, self.mrope_side)
+        return (mask.long().cumsum(1) - 1).clamp(min=0) + self.first_position
+
+    def _attention(self, mask, queries: int, cache):
+        """The LM's attention mask for the last `queries` of the positions in `mask` [B, L]: that mask
+        itself (padding), which the LM makes causal; for PaliGemma an explicit [B, 1, queries, keys]
+        mask, bidirectional over the prefix (sensors and instruction) and causal after it, as it was
+        pretrained. Its Gemma is not causal by itself: given [B, L], its ONNX export lost causality."""
+        if not self.prefix_attention:
+            return mask.long()
+        length = mask.shape[1]
+        keys = max(length, cache.get_max_length(0)) if cache is not None else length  # static: all slots
+        j = torch.arange(keys, device=mask.device)
+        i = j[length - queries : length, None]
+        allowed = (j <= i) | (j < self.config.prefix_length)
+        return (allowed & F.pad(mask, (0, keys - length))[:, None, :])[:, None]
 
     def _run_lm(self, embeds, mask, positions, cache=None):
         out = self.lm.get_decoder()(
             inputs_embeds=embeds,
-            attention_mask=mask.long(),
+            attention_mask=self._attention(mask, embeds.shape[1], cache),
             position_ids=positions,
             cache=cache,
             use_cache=cache is not None,
@@ -152,17 +221,21 @@ class VLAModel(nn.Module):
         """LM head restricted to the action ids: [..., D] -> [..., bins]."""
         head = self.lm.get_output_embeddings()
         rows = slice(self.action_offset, self.action_offset + self.config.action_bins)
-        return F.linear(hidden, head.weight[rows], None if head.bias is None else head.bias[rows])
+        # under LoRA (finetune.py) peft keeps the trained action rows beside the frozen table
+        adapter = getattr(head, "token_adapter", None)
+        weight = head.weight if adapter is None else adapter.get_merged_weights(adapter.active_adapters)
+        bias = getattr(head, "bias", None)
+        return F.linear(hidden, weight[rows], None if bias is None else bias[rows])
 
     def _append(self, prefix, extra: torch.Tensor):
         """Prefix (embeds, mask, positions) followed by `extra` embeddings at the next positions."""
         embeds, mask, positions = prefix
         n = extra.shape[1]
-        new_positions = positions[:, -1:] + 1 + torch.arange(n, device=positions.device)
+        new_positions = positions[..., -1:] + 1 + torch.arange(n, device=positions.device)
         return (
             torch.cat([embeds, extra.to(embeds.dtype)], 1),
             torch.cat([mask, mask.new_ones(mask.shape[0], n)], 1),
-            torch.cat([positions, new_positions], 1),
+            torch.cat([positions, new_positions], -1),
         )
 
     # ---- the decoders ---------------------------------------------------------------------------
@@ -201,7 +274,7 @@ class VLAModel(nn.Module):
             if i + 1 == self.config.action_tokens:
                 break
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-            positions = positions[:, -1:] + 1
+            positions = positions[..., -1:] + 1
             token = self.lm.get_input_embeddings()(self.action_offset + bins[-1]).unsqueeze(1)
             hidden, cache = self._run_lm(token, mask, positions, cache)
         return torch.stack(bins, 1)

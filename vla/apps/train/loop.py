@@ -29,10 +29,11 @@ from sim import SimConfig, language
 from vla.apps import JobError
 from vla.apps.rollout import EVAL_SEED_OFFSET, by_task, run_episodes, success_rate
 from vla.apps.train.data import BatchSchedule, collate, ensure_dataset, open_dataset
-from vla.apps.train.recipe import OptimConfig, TrainConfig
+from vla.apps.train.recipe import FinetuneConfig, OptimConfig, TrainConfig
 from vla.apps.train.state import latest_checkpoint, load_training_state, save_training_state, step_checkpoints
 from vla.config import ConfigError, to_dict
 from vla.model.checkpoint import create, load_checkpoint, save_checkpoint
+from vla.model.finetune import apply_lora, enable_gradient_checkpointing, merge_lora, merged_copy
 from vla.model.model import VLAModel
 from vla.model.processor import Processor
 from vla.runtime import torch_runtime
@@ -109,6 +110,9 @@ def train(config: TrainConfig, index=None, resume: str | Path | None = None, pro
             index = open_dataset(config, False)
 
     resume_dir = None if resume is None else latest_checkpoint(out_dir) if resume == "latest" else Path(resume)
+    if resume_dir is not None and config.finetune.lm == "lora":
+        raise ConfigError("--resume does not continue a LoRA run exactly (its checkpoints hold the merged weights, "
+                          "not the adapters); start it again")
     if resume_dir is not None:
         model, processor = load_checkpoint(resume_dir)
         if to_dict(model.config) != to_dict(config.model):
@@ -117,6 +121,7 @@ def train(config: TrainConfig, index=None, resume: str | Path | None = None, pro
             )
     else:
         model, processor = create(config.model, index.stats, language.corpus())
+    prepare_finetuning(model, config.finetune)
     model.to(procs.device).train()
     wrapped = (
         DistributedDataParallel(model, device_ids=[procs.device.index] if procs.device.type == "cuda" else None)
@@ -132,7 +137,8 @@ def train(config: TrainConfig, index=None, resume: str | Path | None = None, pro
     logger = Logger(out_dir, config, start) if procs.main else None
     if procs.main:
         print(
-            f"model: {count_parameters(model) / 1e6:.2f} M parameters, {len(index)} samples, "
+            f"model: {count_parameters(model) / 1e6:.2f} M parameters "
+            f"({count_parameters(model, trainable=True) / 1e6:.2f} M trained), {len(index)} samples, "
             f"{schedule.per_epoch} steps per epoch, device {procs.device}, {procs.world} process(es)"
         )
     bar = tqdm(
@@ -185,6 +191,7 @@ def train(config: TrainConfig, index=None, resume: str | Path | None = None, pro
                 model.train()
             logger.resume()
     bar.close()
+    merge_lora(model)
     if procs.main:
         save_checkpoint(out_dir / "final", model, processor, {"training": to_dict(config), "step": config.optim.steps})
         logger.close()
@@ -200,8 +207,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def prepare_finetuning(model: VLAModel, finetune: FinetuneConfig) -> None:
+    if finetune.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if finetune.lm == "lora":
+        apply_lora(model, finetune.lora_rank, finetune.lora_alpha)
+    if finetune.vision == "frozen":
+        model.freeze_vision_tower()
+
+
+def count_parameters(model: torch.nn.Module, trainable: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
 
 
 def loss_is_finite(loss: torch.Tensor, procs: Processes) -> bool:
@@ -228,7 +244,7 @@ def save_step(
     """A resumable checkpoint: it appears, trainer state included, only once complete."""
     save_checkpoint(
         out_dir / "checkpoints" / f"step_{step:07d}",
-        model,
+        merged_copy(model),
         processor,
         {"training": to_dict(config), "step": step},
         also=lambda staging: save_training_state(staging, step, optimizer, scheduler),

@@ -44,11 +44,27 @@ class EvalConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """How a model with a pretrained backbone trains."""
+
+    # "frozen": a pretrained vision tower (model.vision: pretrained or vlm) keeps its weights; its
+    # projector or connector still trains
+    vision: str = "trainable"
+    # "lora": low-rank adapters on the pretrained LM's attention and MLP layers (peft), merged into
+    # the weights whenever a checkpoint is saved; its embedding table trains only the action rows
+    lm: str = "full"
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, slower
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     out_dir: str = "runs/quickstart"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -74,10 +90,24 @@ class TrainConfig:
         unknown = [t for t in self.data.tasks if t not in TASKS]
         if unknown or not self.data.tasks:
             raise ValueError(f"data.tasks: unknown task(s) {unknown}; choose from {sorted(TASKS)}")
+        self.check_finetune()
         if self.eval.decoder and self.eval.decoder not in self.model.decoders:
             raise ValueError(
                 f"eval.decoder {self.eval.decoder!r} is not among model.decoders {list(self.model.decoders)}"
             )
+
+
+    def check_finetune(self) -> None:
+        f = self.finetune
+        if f.vision not in ("trainable", "frozen") or f.lm not in ("full", "lora"):
+            raise ValueError(f"finetune.vision must be trainable or frozen, finetune.lm full or lora; "
+                             f"got {f.vision!r}, {f.lm!r}")
+        if f.vision == "frozen" and self.model.vision not in ("pretrained", "vlm"):
+            raise ValueError("finetune.vision: frozen needs a pretrained vision tower (model.vision pretrained or vlm)")
+        if f.lm == "lora" and not self.model.pretrained:
+            raise ValueError("finetune.lm: lora needs a pretrained LM (model.pretrained)")
+        if f.lora_rank <= 0 or f.lora_alpha <= 0:
+            raise ValueError("finetune.lora_rank and finetune.lora_alpha must be positive")
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:

@@ -659,9 +659,10 @@ def main() -> int:
         table[outcome][family] += n
         table[outcome]["all"] += n
     columns = sorted({family for family, _, _ in counts}) + ["all"]
-    print(f"{'outcome':<24}" + "".join(f"{f:>19}" for f in columns))
+    width = max(map(len, table)) + 2
+    print(f"{'outcome':<{width}}" + "".join(f"{f:>19}" for f in columns))
     for outcome in sorted(table, key=lambda o: (o not in GOOD, o)):
-        print(f"{outcome:<24}" + "".join(f"{table[outcome][f]:>19}" for f in columns))
+        print(f"{outcome:<{width}}" + "".join(f"{table[outcome][f]:>19}" for f in columns))
     shown = Counter()
     for family, kind, detail, outcome, message in bad:
         if shown[family, outcome] < args.examples:

@@ -154,6 +154,7 @@ def test_a_damaged_cache_is_rebuilt(expert_dataset, tmp_path, damage, problem):
     (lambda m: m["episodes"][0].pop("task"), r"lacks \['task'\]"),
     (lambda m: m["episodes"][2].update(path="../../etc"), "path='../../etc' is not the name of an episode directory"),
     (lambda m: m["episodes"][2].update(bytes="x" * 100_000), "bytes='xxxx"),
+    (lambda m: m["episodes"][2].update(path="x" * 100_000), "path='xxxx.* is not the name of an episode directory"),
     (lambda m: m["episodes"][1].update(path="episode_000000"), "an episode path is listed twice"),
     (lambda m: m.update(episodes={"0": {}}), "'episodes' is not a list"),
     (lambda m: m.update(format=None), "unknown manifest format"),

@@ -87,7 +87,7 @@ def _entry_problem(entry) -> str | None:
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             return f"{key}={str(value)[:40]!r} is not a count"
     name = entry.get("path")
-    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or len(name) > 255:
         return f"path={str(name)[:40]!r} is not the name of an episode directory in the dataset"
     return None
 

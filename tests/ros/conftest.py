@@ -81,8 +81,10 @@ class Harness:
         self.executor.add_node(self.node)
         self.clients: dict[str, object] = {}  # one per service: each new client must be discovered anew
 
-    def start(self, executable: str, params_file: Path | None = None, name: str | None = None, **params):
-        command = [str(BIN / executable), "--ros-args"]
+    def start(self, executable: str, params_file: Path | None = None, name: str | None = None, nice: int = 0,
+              **params):
+        """Start a node process (`nice`: lower its CPU priority by that much)."""
+        command = ["nice", "-n", str(nice), str(BIN / executable), "--ros-args"]
         if params_file is not None:
             command += ["--params-file", str(params_file)]
         for key, value in params.items():
@@ -189,7 +191,7 @@ class Harness:
         """The episode announcements of sim_node from now on."""
         infos = []
         self.node.create_subscription(String, TOPICS["episode_info"], lambda m: infos.append(json.loads(m.data)),
-                                      qos.LATCHED_READER)
+                                      qos.EPISODES)
         return infos
 
     def get_parameters(self, node: str, names: list[str]) -> dict:

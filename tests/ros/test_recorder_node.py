@@ -44,8 +44,8 @@ def test_recorder_stores_what_was_published(sim_loop):
                 assert missing <= allowed, (
                     f"{listed['path']}: {missing} of {count[topic]} {topic} messages not as published"
                 )
-        # the last instruction is the episode's (the first may be the one latched before it began)
-        assert deserialize_message(messages[TOPICS["instruction"]][-1], String).data == listed["instruction"]
+        # the bag begins with the episode's instruction (not the previous episode's, latched before it)
+        assert [deserialize_message(d, String).data for d in messages[TOPICS["instruction"]]] == [listed["instruction"]]
         # an observation per step (one more each time the lockstep sim published one again), with 12
         # IMU samples each (best effort, so the recorder too may lose a few: the allowance above);
         # an action per step, and a twist stamped with each step's camera frame (besides the zero

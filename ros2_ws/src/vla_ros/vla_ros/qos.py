@@ -16,14 +16,22 @@ SENSOR_QUEUED = QoSProfile(depth=64, reliability=ReliabilityPolicy.BEST_EFFORT, 
 # (a bag chunk compressed, CPU shared with the sim) would lose the oldest. A few seconds' worth.
 RECORDER_IMU = QoSProfile(depth=1024, reliability=ReliabilityPolicy.BEST_EFFORT, durability=DurabilityPolicy.VOLATILE,
                           history=HistoryPolicy.KEEP_LAST)
+# The recorder's commands: reliable, and a queue deep enough for a recorder that falls behind for a
+# few seconds (a reader's KEEP_LAST queue drops its oldest messages when full, reliable or not).
+RECORDER_COMMANDS = QoSProfile(depth=1024, reliability=ReliabilityPolicy.RELIABLE,
+                               durability=DurabilityPolicy.VOLATILE, history=HistoryPolicy.KEEP_LAST)
 # Commands must not be dropped (a lost zero twist would leave the robot moving). A reliable writer
 # also serves best-effort readers, so replayed streams use it too.
 RELIABLE = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.VOLATILE,
                       history=HistoryPolicy.KEEP_LAST)
-# Instruction and episode info: latched, so a node that starts later still gets the current one.
-# Writers keep the last message only; readers queue a few, since an episode's end and the next
-# episode's start are published back to back.
+# The instruction: latched, so a node that starts later still gets the current one. Writers keep the
+# last message only; readers queue a few.
 LATCHED_WRITER = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
                             durability=DurabilityPolicy.TRANSIENT_LOCAL, history=HistoryPolicy.KEEP_LAST)
 LATCHED_READER = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE,
                             durability=DurabilityPolicy.TRANSIENT_LOCAL, history=HistoryPolicy.KEEP_LAST)
+# Episode info, written and read: latched too, and every message matters (an episode's end and the
+# next one's start are published back to back): a writer keeping only the last would replace an end
+# that a recorder behind by a few seconds has not received yet with the next start.
+EPISODES = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE,
+                      durability=DurabilityPolicy.TRANSIENT_LOCAL, history=HistoryPolicy.KEEP_LAST)

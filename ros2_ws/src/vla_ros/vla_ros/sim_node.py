@@ -2,8 +2,12 @@
 publish and executing the policy node's commands, so the closed loop runs over ROS 2 without hardware.
 
 Out: the camera (rgb8; and the wrist camera with `wrist_camera`), /joint_states, /imu/data (the
-samples of each control step, stamped 1 / imu_hz apart), /vla/instruction (latched),
-/vla/episode_info (JSON, latched; at the start and at the end of every episode, with its result).
+samples of each control step, stamped 1 / imu_hz apart up to the observation's stamp, or closer when
+the sim runs faster than real time: each step's samples follow the previous step's), /vla/instruction
+(latched), /vla/episode_info (JSON, latched; at the start and at the end of every episode, with its
+result; `start_stamp` and `end_stamp` enclose the stamps of every message of the episode: its first
+IMU sample, its last observation, and the commands answering them, so that a recorder files messages
+by their stamps).
 In: /vla/cmd_twist (action delta = twist / control_hz) and /vla/gripper. ~/reset (std_srvs/Trigger)
 starts the next episode (next seed); the `instruction` parameter replaces the task's instruction, at
 once and on every reset.
@@ -11,8 +15,9 @@ once and on every reset.
 Two modes. Real time: a timer at the control rate applies the newest command (zero motion when it is
 older than command_timeout). Lockstep (step_on_command): publish an observation, wait for the twist
 stamped with that observation's stamp (the policy node stamps commands with the camera frame they
-answer), apply it as one control step, publish the next observation: the loop then reproduces
-in-process evaluation step for step, whatever the inference time.
+answer) and a gripper command (published with it, unstamped: it may arrive after the twist when the
+middleware repairs a lost message), apply them as one control step, publish the next observation:
+the loop then reproduces in-process evaluation step for step, whatever the inference time.
 """
 from __future__ import annotations
 
@@ -81,6 +86,9 @@ class SimNode(Node):
         self.twist: TwistStamped | None = None  # real time: newest command and when it arrived
         self.twist_time = 0
         self.waiting_for: int | None = None  # lockstep: stamp of the observation awaiting its command
+        self.answer: TwistStamped | None = None  # lockstep: its twist, while its gripper command is awaited
+        self.gripper_since = False  # lockstep: a gripper command arrived since the observation
+        self.last_stamp: int | None = None  # of the newest observation published
         self.published_at = 0.0
 
         self.image_pub = self.create_publisher(Image, cfg.camera_topic, qos.SENSOR)
@@ -88,7 +96,7 @@ class SimNode(Node):
         self.joints_pub = self.create_publisher(JointState, cfg.joint_states_topic, qos.SENSOR)
         self.imu_pub = self.create_publisher(Imu, cfg.imu_topic, qos.SENSOR_QUEUED)
         self.instruction_pub = self.create_publisher(String, cfg.instruction_topic, qos.LATCHED_WRITER)
-        self.episode_pub = self.create_publisher(String, cfg.episode_topic, qos.LATCHED_WRITER)
+        self.episode_pub = self.create_publisher(String, cfg.episode_topic, qos.EPISODES)
         # Gripper before twist: a gripper command published just before a twist is handled first.
         self.create_subscription(Float64, cfg.gripper_topic, self.on_gripper, qos.RELIABLE)
         self.create_subscription(TwistStamped, cfg.twist_topic, self.on_twist, qos.RELIABLE)
@@ -113,24 +121,27 @@ class SimNode(Node):
         self.next_seed += 1
         self.obs, _ = self.env.reset(seed=seed)
         self.twist, self.running = None, True
-        self.episode = self.episode_info(seed)
+        stamp, samples = self.now(), self.env.imu.take_fresh()
+        self.episode = self.episode_info(seed) | {"start_stamp": int(self.imu_stamps(stamp, len(samples))[0])}
         self.publish_episode()
         self.instruction_pub.publish(String(data=self.episode["instruction"]))
-        self.publish_observation(self.env.imu.take_fresh())
+        self.publish_observation(samples, stamp)
         self.get_logger().info(f"episode seed {seed}: {self.episode['instruction']!r}")
 
     def finish_episode(self, success: bool, interrupted: bool = False) -> None:
         self.running, self.waiting_for = False, None
-        self.episode |= {"done": True, "success": success, "steps": self.env.steps, "interrupted": interrupted}
+        self.episode |= {"done": True, "success": success, "steps": self.env.steps, "interrupted": interrupted,
+                         "end_stamp": self.last_stamp}
         self.publish_episode()
         self.get_logger().info(f"episode seed {self.episode['seed']}: {'success' if success else 'failure'} "
                                f"after {self.env.steps} steps")
 
     def episode_info(self, seed: int) -> dict:
-        """The episode metadata of `vla collect` (vla.data.reader.REQUIRED_INFO and more), plus `done`."""
+        """The episode metadata of `vla collect` (vla.data.reader.REQUIRED_INFO and more), plus `done`
+        and `lockstep` (then the episode has an action per step)."""
         instruction = self.get_parameter("instruction").value or self.obs["instruction"]
         info = episode_info(self.env, instruction, seed, False, 0, "sim_node")
-        return info | {"done": False, "versions": self.versions}
+        return info | {"done": False, "versions": self.versions, "lockstep": self.lockstep}
 
     def publish_episode(self) -> None:
         self.episode_pub.publish(String(data=json.dumps(self.episode, sort_keys=True)))
@@ -150,19 +161,31 @@ class SimNode(Node):
             self.publish_episode()
 
     # ---- sensors ---------------------------------------------------------------------------------
-    def publish_observation(self, samples: list[np.ndarray]) -> None:
+    def now(self) -> int:
+        return self.get_clock().now().nanoseconds
+
+    def imu_stamps(self, stamp: int, count: int) -> np.ndarray:
+        """Stamps of `count` IMU samples ending at `stamp`: 1 / imu_hz apart, or closer so that they
+        follow the previous observation (a lockstep sim steps faster than real time)."""
+        spacing = 1e9 / self.env.config.imu_hz
+        if self.last_stamp is not None:
+            spacing = min(spacing, (stamp - self.last_stamp) / (count - 0.5))
+        return stamp - np.round(np.arange(count - 1, -1, -1) * spacing).astype(np.int64)
+
+    def publish_observation(self, samples: list[np.ndarray], stamp: int | None = None) -> None:
         """IMU `samples`, then joint states, the wrist camera and the camera image (last: a policy
-        acting on camera frames then has the rest), all stamped now (the IMU samples 1 / imu_hz
-        apart, ending now)."""
-        stamp = self.get_clock().now().nanoseconds
-        for sample, imu_stamp in zip(samples, T.imu_stamps(stamp, len(samples), self.env.config.imu_hz)):
+        acting on camera frames then has the rest), all stamped `stamp` (default now; the IMU
+        samples up to it)."""
+        stamp = self.now() if stamp is None else stamp
+        for sample, imu_stamp in zip(samples, self.imu_stamps(stamp, len(samples))):
             self.imu_pub.publish(fill(Imu(), M.imu_fields(sample, int(imu_stamp))))
         self.joints_pub.publish(fill(JointState(), M.joint_state_fields(*self.env.robot.joint_states(), stamp)))
         if self.wrist_pub is not None:
             self.wrist_pub.publish(fill(Image(), M.image_fields(self.obs["wrist_image"], stamp, T.WRIST_CAMERA_FRAME)))
         self.image_pub.publish(fill(Image(), M.image_fields(self.obs["image"], stamp)))
         self.waiting_for = stamp if self.lockstep else None
-        self.published_at = time.monotonic()
+        self.answer, self.gripper_since = None, False
+        self.last_stamp, self.published_at = stamp, time.monotonic()
 
     # ---- commands --------------------------------------------------------------------------------
     def on_gripper(self, msg: Float64) -> None:
@@ -170,18 +193,24 @@ class SimNode(Node):
             self.gripper = min(max(msg.data, 0.0), 1.0)
         else:
             self.get_logger().warning(f"ignoring gripper command {msg.data}", throttle_duration_sec=5.0)
+        self.gripper_since = True
+        if self.answer is not None:
+            self.step(self.answer)
 
     def on_twist(self, msg: TwistStamped) -> None:
         if not self.lockstep:
-            self.twist, self.twist_time = msg, self.get_clock().now().nanoseconds
+            self.twist, self.twist_time = msg, self.now()
         elif self.waiting_for is not None and stamp_ns(msg) == self.waiting_for:
-            self.step(msg)
+            if self.gripper_since:
+                self.step(msg)
+            else:
+                self.answer = msg
 
     def on_tick(self) -> None:
         """Real time: one control step with the newest command, or zero motion when it is too old."""
         if not self.running:
             return
-        age = self.get_clock().now().nanoseconds - self.twist_time
+        age = self.now() - self.twist_time
         self.step(self.twist if self.twist is not None and age <= self.command_timeout_ns else TwistStamped())
 
     def on_lockstep_timer(self) -> None:
@@ -192,7 +221,7 @@ class SimNode(Node):
             self.publish_observation(list(self.env.imu.samples))
 
     def step(self, twist: TwistStamped) -> None:
-        self.waiting_for = None
+        self.waiting_for, self.answer = None, None
         try:
             action = command_action(twist, self.gripper, self.env.config.control_hz)
         except InputError as exc:

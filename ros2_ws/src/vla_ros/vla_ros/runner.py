@@ -17,6 +17,7 @@ from typing import NoReturn
 
 import rclpy
 from rclpy.duration import Duration
+from rclpy.exceptions import ParameterException
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.signals import SignalHandlerOptions
 
@@ -41,7 +42,7 @@ class StopRequest:
 
 
 def run(name: str, make_node, make_executor=SingleThreadedExecutor) -> NoReturn:
-    """`make_node()` builds the node (ValueError or OSError: bad parameters, exit code 2); the
+    """`make_node()` builds the node (ValueError, OSError or a parameter of the wrong type: exit code 2); the
     node's `close()` runs at a signal, before its reliable publishers are flushed and ROS shuts down."""
     stop = StopRequest()
     stop.install()  # a signal while the node starts (a model loads) stops it once it is up
@@ -49,7 +50,7 @@ def run(name: str, make_node, make_executor=SingleThreadedExecutor) -> NoReturn:
     rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
     try:
         node = make_node()
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, ParameterException) as exc:  # e.g. -p control_rate_hz:=30 for a float
         rclpy.logging.get_logger(name).fatal(str(exc))
         rclpy.try_shutdown()
         exit_now(2)

@@ -47,6 +47,7 @@ PARAMETERS = {
     "wrist_camera": (False, "also render and publish the wrist camera (for models that take it)"),
     "imu_window": (12, "IMU samples of the first observation of an episode (the model's window)"),
     "max_steps": (0, "episode step limit; 0: the task's own"),
+    "control_hz": (10, "control steps per second (a divisor of the 240 Hz physics; policies are trained at 10)"),
     "step_on_command": (False, "lockstep: step once per command answering the last observation (see the module doc)"),
     "auto_reset": (True, "start the next episode when one ends; otherwise wait for ~/reset"),
     "start_delay": (1.0, "seconds from start to the first episode, for subscribers to connect [s]"),
@@ -73,7 +74,7 @@ class SimNode(Node):
         if cfg.task not in TASKS:
             raise ValueError(f"parameter task={cfg.task!r}: use one of {sorted(TASKS)}")
         sim = SimConfig(image_size=cfg.image_size, wrist_camera=cfg.wrist_camera, imu_window=cfg.imu_window,
-                        max_steps=cfg.max_steps)
+                        max_steps=cfg.max_steps, control_hz=cfg.control_hz)  # ValueError: unusable values
         self.env = make_env(cfg.task, sim)
         self.lockstep = cfg.step_on_command
         self.command_timeout_ns = round((cfg.command_timeout or 2 / sim.control_hz) * 1e9)

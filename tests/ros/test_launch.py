@@ -49,6 +49,8 @@ def test_launch_files_name_existing_executables_and_parameter_files():
         named |= configs
     assert named == {p.name for p in CONFIG.iterdir()}, "a configuration file no launch file uses"
     assert 'glob("config/*.yaml") + glob("config/*.xml")' in setup, "setup.py installs the configuration files"
+    assert 'glob("launch/*.launch.py")' in setup, "setup.py installs the launch files"
+    assert (ROOT / "launch").resolve() == PACKAGE / "launch", "launch/ is the package's, for the path form"
 
 
 @pytest.mark.parametrize("config, executable, overrides, state", [

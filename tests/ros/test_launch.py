@@ -53,6 +53,27 @@ def test_launch_files_name_existing_executables_and_parameter_files():
     assert (ROOT / "launch").resolve() == PACKAGE / "launch", "launch/ is the package's, for the path form"
 
 
+def launch_tuples(path: Path) -> dict[str, tuple]:
+    """The tuples of names a launch file assigns at its top level (e.g. its argument lists)."""
+    return {target.id: ast.literal_eval(node.value) for node in ast.parse(path.read_text()).body
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Tuple)
+            for target in node.targets if isinstance(target, ast.Name)}
+
+
+def test_robot_launch_exposes_the_tuning_parameters():
+    """robot.launch.py's arguments are policy_node parameters, the tuning ones with a default in its
+    parameter file (the launch file reads their types there), and the file's CPU default suits a
+    shared CPU (cpu_threads 0 ran at 2 Hz instead of 10 on 2 cores)."""
+    from vla_ros.policy_node import PARAMETERS
+
+    names = launch_tuples(PACKAGE / "launch" / "robot.launch.py")
+    defaults = yaml.safe_load((CONFIG / "policy_robot.yaml").read_text())["policy_node"]["ros__parameters"]
+    assert {"cpu_threads", "control_rate_hz", "trigger", "max_input_age"} <= set(names["TUNING"])
+    assert set(names["TUNING"] + names["OVERRIDES"]) <= PARAMETERS.keys()
+    assert set(names["TUNING"]) <= defaults.keys()
+    assert defaults["cpu_threads"] == 1
+
+
 @pytest.mark.parametrize("config, executable, overrides, state", [
     ("policy_sim.yaml", "policy_node", {} if CHECKPOINT.is_dir() else {"policy": "random"}, "active"),
     ("policy_robot.yaml", "policy_node", {"policy": "random"}, "inactive"),

@@ -42,6 +42,7 @@ IMU_CHANNELS = 6
 # ---- plausible readings: beyond these a sensor or driver is broken, never an input to act on ----
 STATE_LIMIT = 10.0  # |any state value| [rad, m]: a Panda's joints stay within +-3.8 rad, its hand within 1.2 m
 IMU_LIMITS = np.array([500.0] * 3 + [100.0] * 3)  # |specific force| [m/s^2] (~50 g), |angular rate| [rad/s]
+MAX_IMAGE_SIDE = 8192  # pixels: larger "images" are broken messages, not cameras
 
 # ---- rates and sizes (defaults everywhere: sim, model, recorder, ROS nodes) ------------------
 IMAGE_SIZE = 96  # square camera images, pixels
@@ -76,11 +77,16 @@ class ObservationSpec:
 
 def checked_reading(name: str, value, shape: tuple[int, ...], limit) -> np.ndarray:
     """`value` as float32 of `shape`, finite and within +-limit (per last-axis channel); else a
-    ValueError naming the observation key and the problem."""
+    ValueError naming the observation key and the problem. Only real numbers count: numpy would
+    also read numeric strings and drop imaginary parts."""
     try:
-        array = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"observation {name!r} is not numeric: {exc}") from None
+        kind = np.asarray(value).dtype.kind
+    except (TypeError, ValueError):  # e.g. ragged nested lists
+        kind = "O"
+    if kind not in "iuf":
+        raise ValueError(f"observation {name!r} is not numeric: {type(value).__name__} "
+                         f"{getattr(value, 'dtype', '')}".strip())
+    array = np.asarray(value, dtype=np.float64)
     if array.shape != shape:
         raise ValueError(f"observation {name!r} must have shape {shape}, got {array.shape}")
     if not np.all(np.isfinite(array)):

@@ -14,7 +14,7 @@ from rosbags.typesys.base import Nodetype
 
 from vla.contracts.action import ACTION_DIM
 from vla.contracts.kinematics import state_from_joints
-from vla.contracts.observation import JOINT_NAMES
+from vla.contracts.observation import JOINT_NAMES, MAX_IMAGE_SIDE
 from vla.contracts.topics import BASE_FRAME, CAMERA_FRAME, IMU_FRAME
 
 # ---- CDR -----------------------------------------------------------------------------------------
@@ -124,9 +124,6 @@ _TO_RGB = {"rgb8": None, "bgr8": cv2.COLOR_BGR2RGB, "rgba8": cv2.COLOR_RGBA2RGB,
            "mono8": cv2.COLOR_GRAY2RGB}
 _CHANNELS = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "mono8": 1}
 IMAGE_ENCODINGS = tuple(_TO_RGB)
-MAX_IMAGE_SIDE = 8192  # pixels: larger "images" are broken messages, not cameras (as vla.model.processor)
-
-
 def image_from_msg(msg) -> np.ndarray:
     """uint8 H x W x 3 RGB from a sensor_msgs/Image; ValueError for encodings other than IMAGE_ENCODINGS,
     an empty or absurd size, or too little data."""

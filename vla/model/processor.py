@@ -20,13 +20,18 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from vla.contracts.action import ACTION_DIM, clip_action
-from vla.contracts.observation import IMU_CHANNELS, IMU_LIMITS, INSTRUCTION_MAX_LENGTH, STATE_LIMIT, checked_reading
+from vla.contracts.observation import (
+    IMU_CHANNELS,
+    IMU_LIMITS,
+    INSTRUCTION_MAX_LENGTH,
+    MAX_IMAGE_SIDE,
+    STATE_LIMIT,
+    checked_reading,
+)
 from vla.images import fit_image
 from vla.model.action_tokenizer import ActionTokenizer
 from vla.model.config import ModelConfig
 from vla.model.text import PromptEncoder, TokenIds, normalize_instruction
-
-MAX_IMAGE_SIDE = 8192  # pixels: larger "images" are broken messages, not cameras
 
 
 class Processor:
@@ -49,9 +54,9 @@ class Processor:
         if c.wrist_camera:
             inputs["wrist_image"] = self._images(observations, "wrist_image")
         inputs["state"] = torch.from_numpy(np.stack(
-            [_reading("state", obs.get("state"), (c.state_dim,), STATE_LIMIT) for obs in observations]))
+            [checked_reading("state", obs.get("state"), (c.state_dim,), STATE_LIMIT) for obs in observations]))
         inputs["imu"] = torch.from_numpy(np.stack(
-            [_reading("imu", obs.get("imu"), (c.imu_window, IMU_CHANNELS), IMU_LIMITS) for obs in observations]))
+            [checked_reading("imu", obs.get("imu"), (c.imu_window, IMU_CHANNELS), IMU_LIMITS) for obs in observations]))
         inputs["text_ids"], inputs["text_mask"] = self.prompt.encode([instruction(obs) for obs in observations])
         return {name: tensor.to(device) for name, tensor in inputs.items()}
 
@@ -108,17 +113,6 @@ def _observation_list(observations) -> list[dict]:
     if others:
         raise ValueError(f"each observation must be a dict, got {others}")
     return list(observations)
-
-
-def _reading(name: str, value, shape: tuple[int, ...], limit) -> np.ndarray:
-    """checked_reading of numbers only: numpy would also read strings and drop imaginary parts."""
-    try:
-        kind = np.asarray(value).dtype.kind
-    except (TypeError, ValueError):  # e.g. ragged nested lists
-        kind = "O"
-    if kind not in "iuf":
-        raise ValueError(f"observation {name!r} is not numeric: {_kind(value)}")
-    return checked_reading(name, value, shape, limit)
 
 
 def _kind(value) -> str:

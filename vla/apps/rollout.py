@@ -20,7 +20,7 @@ from policies import load_policy
 from sim import TASKS, SimConfig, make_env
 from sim.config import CAMERA_JITTER, randomization
 from sim.language import SPLITS
-from vla.apps.video import annotate, write_video
+from vla.apps.video import annotate, grid, write_video
 from vla.contracts.observation import ObservationSpec
 
 # Training data uses seeds from 0; evaluation uses seeds from here, so they never overlap.
@@ -44,13 +44,14 @@ class EpisodeResult:
 
 
 def run_episode(env, policy, seed: int, frames: list | None = None, instruction: str | None = None) -> EpisodeResult:
-    """One episode; `instruction` replaces the task's own (a template: sim.env.TabletopEnv)."""
+    """One episode; `instruction` replaces the task's own (a template: sim.env.TabletopEnv). Video
+    frames, captioned with the instruction, go to `frames` if given."""
     obs, info = env.reset(seed=seed, options=None if instruction is None else {"instruction": instruction})
     policy.reset(obs["instruction"])
     success, steps = False, 0
     while True:
         if frames is not None:
-            frames.append(annotate(env.render(), [obs["instruction"], f"{env.task.name} seed {seed} step {steps}"]))
+            frames.append(annotate(env.render(), [obs["instruction"], f"{env.task.name}, seed {seed}, step {steps}"]))
         obs, _, terminated, truncated, info = env.step(policy.act(obs))
         steps += 1
         success = bool(info["success"])
@@ -75,19 +76,23 @@ def run_episodes(
     instruction: str | None = None,
 ) -> list[EpisodeResult]:
     """`make_policy(env)` builds the policy for one task's env. Seeds are seed, seed+1, ...
-    `instruction`: every episode's instead of the task's own (None: the task's)."""
-    results, frames = [], []
+    `instruction`: every episode's instead of the task's own (None: the task's). `video`: the first
+    `video_episodes` of each task side by side, a row per episode, a column per task."""
+    results, films = [], []
     for task in tasks:
         env = make_env(task, config, render_mode="rgb_array" if video else None)
         try:
             policy = make_policy(env)
             for i in tqdm(range(episodes), desc=task, disable=not progress, leave=False):
-                film = frames if video and i < video_episodes else None
+                film = [] if video and i < video_episodes else None
                 results.append(run_episode(env, policy, seed + i, film, instruction))
+                films += [film] if film else []
         finally:
             env.close()
     if video:
-        write_video(video, frames)
+        # task-major films -> episode rows: the i-th episode of every task in row i
+        filmed = min(episodes, video_episodes)
+        write_video(video, grid([films[t * filmed + i] for i in range(filmed) for t in range(len(tasks))], len(tasks)))
     return results
 
 

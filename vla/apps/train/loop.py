@@ -1,7 +1,8 @@
 """The training loop: one process, or one per GPU / CPU slot under torchrun (DDP).
 
 Writes to `out_dir`: config.yaml (the resolved recipe), metrics.jsonl and tb/ (TensorBoard: loss,
-token accuracy, learning rate, samples/s, closed-loop success), checkpoints/step_N/ (model and
+token accuracy, learning rate, samples/s, closed-loop success), learning_curve.png (success per
+task against the step, redrawn at every evaluation), checkpoints/step_N/ (model and
 processor + optimizer, scheduler and RNG states, for --resume, which continues exactly as if never
 interrupted; a step directory appears only once complete) and final/ (the model to deploy).
 """
@@ -28,6 +29,7 @@ from policies.vla_policy import VLAPolicy
 from sim import SimConfig, language
 from vla.apps import JobError
 from vla.apps.rollout import EVAL_SEED_OFFSET, by_task, run_episodes, success_rate
+from vla.apps.train.curve import draw as draw_learning_curve
 from vla.apps.train.data import BatchSchedule, collate, ensure_dataset, open_dataset
 from vla.apps.train.recipe import FinetuneConfig, OptimConfig, TrainConfig
 from vla.apps.train.state import latest_checkpoint, load_training_state, save_training_state, step_checkpoints
@@ -277,6 +279,7 @@ class Logger:
         from torch.utils.tensorboard import SummaryWriter
 
         out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir = out_dir
         (out_dir / "config.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(to_dict(config))), sort_keys=False))
         self.writer = SummaryWriter(str(out_dir / "tb"), purge_step=start or None)
         path = out_dir / "metrics.jsonl"
@@ -305,6 +308,7 @@ class Logger:
             tqdm.write(
                 f"step {step}: closed-loop success " + ", ".join(f"{t} {100 * r:.0f} %" for t, r in success.items())
             )
+            draw_learning_curve(self.out_dir)
 
     def pause(self) -> None:
         self._pause_start = time.perf_counter()

@@ -1,0 +1,54 @@
+"""The learning curve of a training run: closed-loop success per task against the training step,
+from its metrics.jsonl (written by the loop at every evaluation; `python -m vla.apps.train.curve
+RUN_DIR` redraws it)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+FILE = "learning_curve.png"
+
+
+def evaluations(metrics: Path) -> dict[str, list[tuple[int, float]]]:
+    """task -> [(step, success rate)] from the evaluation records of metrics.jsonl."""
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for line in metrics.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a crash
+            continue
+        for key, value in record.items():
+            if key.startswith("success_"):
+                curves.setdefault(key.removeprefix("success_"), []).append((record["step"], value))
+    return curves
+
+
+def draw(run_dir: str | Path) -> Path | None:
+    """run_dir/learning_curve.png from run_dir/metrics.jsonl; None while there is no evaluation."""
+    run_dir = Path(run_dir)
+    curves = evaluations(run_dir / "metrics.jsonl")
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for task, points in curves.items():
+        steps, rates = zip(*sorted(points))
+        ax.plot(steps, [100 * r for r in rates], marker="o", label=task)
+    ax.set(xlabel="training step", ylabel="success on held-out seeds [%]", ylim=(-3, 103),
+           title=f"learning curve: {run_dir.name}")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(run_dir / FILE, dpi=100)
+    plt.close(fig)
+    return run_dir / FILE
+
+
+if __name__ == "__main__":
+    for path in sys.argv[1:] or ["."]:
+        print(draw(path) or f"{path}: no evaluation in metrics.jsonl yet")

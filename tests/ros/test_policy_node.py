@@ -3,6 +3,8 @@ the e-stop and deactivation stop the robot, any camera format drives it, a wrist
 its inputs, and with the shipped checkpoint it closes the loop as in-process evaluation does."""
 from __future__ import annotations
 
+import itertools
+import time
 from pathlib import Path
 
 import cv2
@@ -222,6 +224,55 @@ def test_a_wrist_camera_model_gets_its_inputs(ros, tmp_path, tiny_model):
     ros.spin_until(lambda: stamps(scene[frames : frames + 5]) <= stamps(wrist), 10, "a wrist image with each frame")
     assert all((m.height, m.width, m.header.frame_id) == (96, 96, WRIST_CAMERA_FRAME) for m in wrist)
     ros.spin_until(lambda: answers(twists, wrist) >= 4, 10, "commands answering frames with a wrist image")
+
+
+def twists_on(ros, topic: str) -> list:
+    twists = []
+    ros.node.create_subscription(TwistStamped, topic, lambda m: twists.append((time.monotonic(), m)), qos.RELIABLE)
+    return twists
+
+
+def test_async_inference_commands_at_the_control_rate_while_a_slow_model_runs(ros, tmp_path, tiny_model):
+    """A model 3x slower than the control period: synchronous inference commands at a third of the
+    rate, async inference plays the model's chunks (8 steps at 10 Hz: 0.8 s) at every control cycle."""
+    checkpoint = save_checkpoint(tmp_path / "model", *tiny_model(chunk=8))
+    rate, twists = 15.0, {}
+    for mode in ("sync", "async"):
+        ros.start("policy_node", name=mode, policy=checkpoint, trigger="timer", control_rate_hz=rate,
+                  inference=mode, inference_delay=3 / rate, max_input_age=0.5, twist_topic=f"/{mode}/cmd_twist",
+                  action_topic=f"/{mode}/action", gripper_topic=f"/{mode}/gripper")
+        twists[mode] = twists_on(ros, f"/{mode}/cmd_twist")
+    robot = ros.fake_robot()
+    robot.instruction.publish(String(data="touch the red cube"))
+    for mode in twists:
+        ros.spin_until(lambda mode=mode: sum(not ros.is_zero(t) for _, t in twists[mode]) >= 3, 120,
+                       f"{mode} commands")
+    start = {mode: len(received) for mode, received in twists.items()}
+    seconds = 3.0
+    ros.spin_for(seconds)
+    window = {mode: [t for _, t in received[start[mode]:]] for mode, received in twists.items()}
+    moving = {mode: sum(not ros.is_zero(t) for t in window[mode]) for mode in window}
+    held = [ros.is_zero(t) for t in window["async"]]
+    assert not any(held), f"async inference held while its chunks lasted: {held}\n{ros.log('async')[-2000:]}"
+    assert moving["async"] >= 2 * moving["sync"] and moving["async"] >= 0.5 * rate * seconds, moving
+
+
+def test_async_inference_holds_when_the_chunks_run_out(ros, tmp_path, tiny_model):
+    """A model slower than half its chunk (0.55 s + inference for 0.8 s): each chunk plays out before
+    the next arrives, and the node holds meanwhile, saying why."""
+    checkpoint = save_checkpoint(tmp_path / "model", *tiny_model(chunk=8))
+    ros.start("policy_node", policy=checkpoint, trigger="timer", control_rate_hz=30.0, inference="async",
+              inference_delay=0.55, max_input_age=0.5, diagnostics_period=0.2)
+    twists, reasons = ros.twists(), ros.holding_reasons()
+    robot = ros.fake_robot()
+    robot.instruction.publish(String(data="touch the red cube"))
+    ros.spin_until(lambda: any(not ros.is_zero(t) for _, t in twists), 120, "commands from the first chunk")
+    ros.spin_until(lambda: any("no action chunk" in r for r in reasons), 10, "a hold: the chunk ran out")
+    start = len(twists)
+    ros.spin_for(3.0)
+    moving = [not ros.is_zero(t) for _, t in twists[start:]]
+    changes = sum(a != b for a, b in itertools.pairwise(moving))
+    assert changes >= 3, f"not moving and holding in turn: {moving}"
 
 
 def stamps(messages: list) -> set[int]:

@@ -1,6 +1,6 @@
 """Replay a recorded episode with its original timing (like `ros2 bag play`).
 
-    ros2 launch launch/replay.launch.py bag:=datasets/ros/episode_000000 [rate:=0.5]
+    ros2 launch vla_ros replay.launch.py bag:=datasets/ros/episode_000000 [rate:=0.5]
 
 Parameters come from the package's config/replay.yaml; bag (required) and rate override it.
 """

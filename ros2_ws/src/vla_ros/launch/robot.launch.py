@@ -9,8 +9,9 @@ Parameters come from the package's config/policy_robot.yaml; the arguments overr
 policy, device, backend, image_transport (raw | compressed) and the tuning parameters
 (`--show-args` lists them; `ros2 param describe /policy_node <name>` explains each): cpu_threads (the
 default 1 suits a CPU shared with other processes; 0 takes one thread per core, which busy-waits and
-ran ten times slower there), control_rate_hz, trigger, max_input_age, max_future_stamp,
-action_rate_hz, autostart, frame_id. MoveIt Servo: the twist is stamped with the camera frame it
+ran ten times slower there), control_rate_hz, trigger, inference (sync | async: the model on a thread
+of its own, its action chunks played at the control rate), ensemble_decay, max_input_age,
+max_future_stamp, action_rate_hz, autostart, frame_id. MoveIt Servo: the twist is stamped with the camera frame it
 answers, so set Servo's incoming_command_timeout above one control period plus the camera-to-command
 latency.
 """
@@ -32,8 +33,8 @@ FASTDDS_PROFILE = SetEnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE", Enviro
 TOPIC_ARGUMENTS = {name: f"{name}_topic" for name in ("camera", "wrist_camera", "joint_states", "imu", "instruction",
                                                      "gripper", "action")} | {"cmd_twist": "twist_topic"}
 OVERRIDES = ("policy", "device", "backend", "image_transport")
-TUNING = ("cpu_threads", "control_rate_hz", "trigger", "max_input_age", "max_future_stamp", "action_rate_hz",
-          "autostart", "frame_id")
+TUNING = ("cpu_threads", "control_rate_hz", "trigger", "inference", "ensemble_decay", "max_input_age",
+          "max_future_stamp", "action_rate_hz", "autostart", "frame_id")
 DEFAULTS = yaml.safe_load((CONFIG / "policy_robot.yaml").read_text())["policy_node"]["ros__parameters"]
 
 

@@ -1,7 +1,7 @@
 """The closed loop in simulation over ROS 2: sim_node + policy_node, and recorder_node with record:=true.
 
-    ros2 launch launch/sim_closed_loop.launch.py [policy:=random] [device:=cuda] [backend:=onnx]
-        [task:=pick] [record:=true] [output_dir:=datasets/ros]
+    ros2 launch vla_ros sim_closed_loop.launch.py [policy:=random] [device:=cuda] [backend:=onnx]
+        [trigger:=timer inference:=async] [task:=pick] [record:=true] [output_dir:=datasets/ros]
 
 Parameters come from the package's config/sim.yaml, policy_sim.yaml and recorder.yaml; the arguments
 above override them when given.
@@ -20,8 +20,8 @@ CONFIG = Path(get_package_share_directory("vla_ros")) / "config"
 # Camera images in shared memory (see config/fastdds.xml), unless a Fast DDS profile is set already.
 FASTDDS_PROFILE = SetEnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE", EnvironmentVariable(
     "FASTDDS_DEFAULT_PROFILES_FILE", default_value=str(CONFIG / "fastdds.xml")))
-OVERRIDES = {"policy": "policy_node", "device": "policy_node", "backend": "policy_node", "task": "sim_node",
-             "output_dir": "recorder_node"}
+OVERRIDES = {"policy": "policy_node", "device": "policy_node", "backend": "policy_node", "trigger": "policy_node",
+             "inference": "policy_node", "task": "sim_node", "output_dir": "recorder_node"}
 
 
 def overrides(context, node: str) -> dict:

@@ -9,6 +9,10 @@ new episode: policy.reset). Out: /vla/action
 computed from, so commands can be matched to observations and latency measured), /diagnostics.
 ~/enable (std_srvs/SetBool) is the e-stop. Whenever an input is missing, stale or invalid, or the
 node is disabled, it holds: zero twist and the last gripper command, every control period.
+
+`inference: sync` runs the policy inside the control cycle (a model slower than the period misses
+cycles); `inference: async` runs it on a thread of its own and plays its action chunks at the control
+rate (vla_ros.chunks), holding also when the chunks run out before a new one arrives.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from policies import CHECKPOINT_DIR, load_policy
 from vla.contracts.action import clip_action
 from vla.contracts.topics import BASE_FRAME, TOPICS
 from vla_ros import params, qos
+from vla_ros.chunks import ActionChunks, InferenceThread, Job
 from vla_ros.conversions import action_messages, compressed_input, image_input, imu_input, stamp_ns, state_input
 from vla_ros.inputs import WRIST, Inputs
 from vla_ros.runner import run
@@ -49,6 +54,13 @@ PARAMETERS = {
         "frame as soon as joint states and IMU at least as new have arrived",
     ),
     "action_rate_hz": (10.0, "rate the policy's per-step deltas were trained at: twist = delta * action_rate_hz"),
+    "inference": (
+        "sync",
+        "sync: the policy acts inside each control cycle; async: the model predicts action chunks on a thread "
+        "of its own while the control loop plays them, blended (temporal ensembling), at control_rate_hz",
+    ),
+    "ensemble_decay": (0.5, "async: weight of a chunk's action = exp(-ensemble_decay * steps since its observation)"),
+    "inference_delay": (0.0, "seconds added to every inference: a slower model, for benchmarks only"),
     "max_input_age": (
         0.0,
         "hold when no new message of an input arrived for this long, or one arrives stamped this much "
@@ -84,7 +96,8 @@ PARAMETERS = {
 
 def check(cfg) -> None:
     """Raise ValueError naming the first parameter with an unusable value."""
-    choices = {"backend": ("torch", "onnx"), "trigger": ("timer", "image"), "image_transport": ("raw", "compressed")}
+    choices = {"backend": ("torch", "onnx"), "trigger": ("timer", "image"), "image_transport": ("raw", "compressed"),
+               "inference": ("sync", "async")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"parameter {name}={getattr(cfg, name)!r}: use one of {allowed}")
@@ -98,8 +111,11 @@ def check(cfg) -> None:
     for name, value in positive.items():
         if value <= 0:
             raise ValueError(f"parameter {name}={value} must be positive")
-    if min(cfg.max_input_age, cfg.max_future_stamp, cfg.cpu_threads) < 0:
-        raise ValueError("parameters max_input_age, max_future_stamp and cpu_threads must be >= 0")
+    if min(cfg.max_input_age, cfg.max_future_stamp, cfg.cpu_threads, cfg.ensemble_decay, cfg.inference_delay) < 0:
+        raise ValueError("parameters max_input_age, max_future_stamp, cpu_threads, ensemble_decay and "
+                         "inference_delay must be >= 0")
+    if cfg.inference == "async" and cfg.trigger != "timer":
+        raise ValueError("parameter inference=async needs trigger=timer (the control loop runs on the timer)")
 
 
 def resolve_policy(spec: str) -> str:
@@ -109,6 +125,15 @@ def resolve_policy(spec: str) -> str:
     if (CHECKPOINT_DIR / spec).is_dir():
         return str(CHECKPOINT_DIR / spec)
     raise ValueError(f"policy {spec!r} is not 'random', a checkpoint directory, or a checkpoint in {CHECKPOINT_DIR}")
+
+
+def chunk_predictor(policy):
+    """observation -> float32[k, 7] actions inside the limits: a VLA policy's runtime predicts chunks
+    (its own chunk execution is left out: the node blends them), another policy acts one step."""
+    runtime = getattr(policy, "runtime", None)
+    if runtime is not None:
+        return lambda observation: runtime.predict(observation)[0]
+    return lambda observation: clip_action(policy.act(observation))[None]
 
 
 class Stats:
@@ -122,12 +147,14 @@ class Stats:
         self.latencies: list[float] = []
         self.inference: list[float] = []
 
-    def command(self, now_ns: int, camera_stamp: int, inference_s: float) -> None:
+    def command(self, now_ns: int, camera_stamp: int) -> None:
         if self.last_command is not None and now_ns - self.last_command > 1.5 * self.period_ns:
             self.missed += round((now_ns - self.last_command) / self.period_ns) - 1
         self.last_command = now_ns
         self.latencies.append((now_ns - camera_stamp) / 1e6)
-        self.inference.append(inference_s * 1e3)
+
+    def inferred(self, seconds: float) -> None:
+        self.inference.append(seconds * 1e3)
 
     def hold(self) -> None:
         self.last_command = None
@@ -163,6 +190,11 @@ class PolicyNode(LifecycleNode):
         self.hold_text = ""
         self.gripper: float | None = None  # last gripper command, kept while holding
         self.last_frame = -1  # image trigger: stamp of the last camera frame that triggered a step
+        self.chunks: ActionChunks | None = None  # async inference: the chunks played
+        self.inference: InferenceThread | None = None
+        self.episode = 0  # async inference: counts instructions, so that chunks for an older one are dropped
+        self.submitted = -1  # async inference: stamp of the last camera frame given to the model
+        self.inference_error: str | None = None  # async inference: why the last prediction failed
         self.stats: Stats | None = None
         self.control_timer = None
         self.input_subscriptions: list = []
@@ -196,6 +228,9 @@ class PolicyNode(LifecycleNode):
         max_age = round(cfg.max_input_age * 1e9) or 2 * period_ns
         self.inputs = Inputs(self.spec.imu_window, max_age, round(cfg.max_future_stamp * 1e9), wrist)
         self.stats = Stats(period_ns)
+        if cfg.inference == "async":
+            self.chunks = ActionChunks(cfg.action_rate_hz, cfg.ensemble_decay)
+            self.inference = InferenceThread(chunk_predictor(policy), cfg.inference_delay)
         # The instruction subscription comes first: when a new episode's instruction and observation
         # are waiting together, the executor serves subscriptions in creation order.
         image_type, suffix = (Image, "") if cfg.image_transport == "raw" else (CompressedImage, "/compressed")
@@ -251,6 +286,9 @@ class PolicyNode(LifecycleNode):
             self.hold("shutdown", "shutting down")
 
     def release(self) -> None:
+        if self.inference is not None:
+            self.inference.stop()
+        self.inference = self.chunks = None
         for subscription in self.input_subscriptions:
             self.destroy_subscription(subscription)
         for publisher in self.command_publishers:
@@ -270,6 +308,9 @@ class PolicyNode(LifecycleNode):
             return
         self.inputs.errors.pop("instruction", None)
         self.inputs.instruction = msg.data
+        self.episode += 1
+        if self.chunks is not None:
+            self.chunks.clear()
         self.get_logger().info(f"instruction: {msg.data!r}")
 
     def on_camera(self, msg) -> None:
@@ -295,6 +336,8 @@ class PolicyNode(LifecycleNode):
         if self.cfg.trigger == "image" and self.active and self.inputs.synchronized(self.last_frame):
             self.last_frame = self.inputs.stamps["camera"]
             self.control()
+        elif self.inference is not None and self.active:
+            self.submit()
 
     # ---- control ---------------------------------------------------------------------------------
     def now_ns(self) -> int:
@@ -302,6 +345,9 @@ class PolicyNode(LifecycleNode):
 
     def on_tick(self) -> None:
         """Timer trigger: a control step. Image trigger: the watchdog (steps come with frames)."""
+        if self.inference is not None:
+            self.play_chunks()
+            return
         if self.cfg.trigger == "timer":
             self.control()
             return
@@ -322,21 +368,58 @@ class PolicyNode(LifecycleNode):
         camera_stamp = self.inputs.stamps["camera"]
         start = time.perf_counter()
         try:
+            time.sleep(self.cfg.inference_delay)  # (0 but in benchmarks)
             action = clip_action(self.policy.act(self.inputs.observation()))
         except Exception as exc:  # a failing policy must stop the robot, not the node
             self.hold("policy:error", f"policy failed: {exc}")
             return
-        inference = time.perf_counter() - start
-        raw, gripper, twist = action_messages(action, self.cfg.action_rate_hz, camera_stamp, self.cfg.frame_id)
+        self.stats.inferred(time.perf_counter() - start)
+        self.command(action, camera_stamp)
+
+    def command(self, action: np.ndarray, stamp: int) -> None:
+        """Publish an action computed from the observation stamped `stamp`."""
+        raw, gripper, twist = action_messages(action, self.cfg.action_rate_hz, stamp, self.cfg.frame_id)
         # Gripper before twist: a lockstep simulator applies the twist with the newest gripper command.
         self.action_pub.publish(raw)
         self.gripper_pub.publish(gripper)
         self.twist_pub.publish(twist)
         self.gripper = float(action[6])
-        self.stats.command(self.now_ns(), camera_stamp, inference)
+        self.stats.command(self.now_ns(), stamp)
         if self.hold_kind is not None:
             self.get_logger().info("inputs good again: resuming control")
             self.hold_kind = None
+
+    # ---- async inference ---------------------------------------------------------------------------
+    def submit(self) -> None:
+        """Give the model the newest observation, if it is new, valid and the model is free."""
+        if self.inputs.stamps.get("camera", -1) <= self.submitted or self.problem() is not None:
+            return
+        job = Job(self.episode, self.inputs.stamps["camera"], self.inputs.observation())
+        if self.inference.submit(job):
+            self.submitted = job.stamp
+
+    def play_chunks(self) -> None:
+        """A control step of async inference: take the chunks the model finished, give it the newest
+        observation, and command the chunks' action for now, or hold."""
+        for job, result, seconds in self.inference.finished():
+            self.stats.inferred(seconds)
+            if isinstance(result, Exception):  # a failing policy must stop the robot, not the node
+                self.chunks.clear()
+                self.inference_error = f"policy failed: {result}"
+            elif job.episode == self.episode:
+                self.chunks.add(job.stamp, result)
+                self.inference_error = None
+        self.submit()
+        problem = self.problem()
+        planned = None if problem or self.inference_error else self.chunks.action(self.now_ns())
+        if problem:
+            self.hold(*problem)
+        elif self.inference_error:
+            self.hold("policy:error", self.inference_error)
+        elif planned is None:
+            self.hold("chunk:empty", "no action chunk for now: the model is slower than its chunks last")
+        else:
+            self.command(*planned)
 
     def hold(self, kind: str, text: str) -> None:
         """Zero twist (stamped now) and the last gripper command."""
@@ -372,6 +455,7 @@ class PolicyNode(LifecycleNode):
             "device": self.cfg.device,
             "backend": self.cfg.backend,
             "trigger": self.cfg.trigger,
+            "inference": self.cfg.inference,
             "holding": "",
         }
         if not self.active:

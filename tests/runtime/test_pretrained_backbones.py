@@ -27,7 +27,8 @@ PATCH = {"idefics3": 16, "smolvlm": 16, "paligemma": 8, "qwen2_vl": 8, "qwen2_5_
 FAMILIES = [("idefics3", 32, False), ("smolvlm", 32, True), ("paligemma", 32, True), ("qwen2_vl", 32, True),
             ("qwen2_5_vl", 32, True), ("siglip", 16, True), ("dinov2", 32, True), ("clip_vision_model", 32, False),
             ("vit", 32, False)]
-CORPUS = ["touch the red cube", "pick up the green cube"]
+CORPUS = ["touch the red cube", "reach the blue ball", "move to the green cylinder", "touch the yellow ball",
+          "pick up the green cube"]
 
 
 def save_backbone(name: str, path):

@@ -127,7 +127,10 @@ def _image_processor(path: str) -> dict:
     files = (Path(path, "preprocessor_config.json"), Path(path, "processor_config.json"))
     for file in files:
         if file.is_file():
-            raw = json.loads(file.read_text())
+            try:
+                raw = json.loads(file.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise BackboneError(f"{file}: not valid JSON ({exc})") from None
             raw = raw.get("image_processor", raw) if file.name == "processor_config.json" else raw
             if isinstance(raw, dict):
                 return raw

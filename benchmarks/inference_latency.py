@@ -1,14 +1,17 @@
 """Latency per control step (observation in, action chunk out, preprocessing included) of every
 decoder and backend, against a naive Hugging Face `generate` baseline measured in the same run.
 
-    python benchmarks/inference_latency.py [--checkpoint DIR] [--device cpu|cuda] [--models default,0.5b]
+    python benchmarks/inference_latency.py [--checkpoint DIR] [--device cpu|cuda]
+        [--models default,0.5b,smolvlm-250m,smolvlm-500m]
 
 Rows: hf-generate (baseline: `lm.generate` over the multimodal prefix, logits restricted to the
 action ids), autoregressive and parallel decoders (eager; on CUDA also as CUDA graphs with a
 static KV cache), onnxruntime. Models: the given checkpoint (default: the shipped one, else a
 randomly initialised default model; a checkpoint trained without the autoregressive decoder is
-timed as a random-weight model of its config with both decoders) and a ~0.5B-parameter Llama-style backbone with random
-weights (timing does not depend on the weights).
+timed as a random-weight model of its config with both decoders), a ~0.5B-parameter Llama-style
+backbone, and pretrained-style VLM backbones of the shapes of SmolVLM-256M and -500M (vision tower,
+connector and LM, the model section of policies/configs/smolvlm-gpu.yaml: 256 px, 16 image tokens,
+chunks of 8), all with random weights (timing does not depend on the weights).
 Targets: H100, default model <= 1 ms p50 and 0.5B <= 4 ms p50, both >= 20x the baseline;
 2 CPU cores with onnxruntime, default model <= 10 ms p50.
 """
@@ -29,13 +32,17 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from policies import CHECKPOINT_DIR
 from sim import language
+from vla.apps.train.recipe import load_config
 from vla.config import from_dict
 from vla.model import ModelConfig, VLAModel, create
 from vla.model.checkpoint import read_meta, save_checkpoint
+from vla.model.random_backbones import save_random_vlm
 from vla.runtime import Runtime, load_runtime
 from vla.runtime.export import export_onnx
 
 BIG_BACKBONE = dict(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=5504)
+VLMS = {"smolvlm-250m": "250m", "smolvlm-500m": "500m"}
+VLM_RECIPE = Path(__file__).parents[1] / "policies" / "configs" / "smolvlm-gpu.yaml"
 FAKE_STATS = {"action": {"q01": [-0.05] * 6 + [0.0], "q99": [0.05] * 6 + [1.0]},
               "state": {"mean": [0.0] * 15, "std": [1.0] * 15}, "imu": {"mean": [0.0] * 6, "std": [1.0] * 6}}
 
@@ -116,6 +123,13 @@ def make_checkpoint(directory: Path, config: ModelConfig) -> Path:
     return save_checkpoint(directory, model, processor)
 
 
+def make_vlm_checkpoint(directory: Path, scale: str) -> Path:
+    """A random-weight SmolVLM-shaped backbone in the GPU recipe's model, with both decoders."""
+    backbone = save_random_vlm("smolvlm", directory / "backbone", scale)
+    return make_checkpoint(directory / "checkpoint", dataclasses.replace(load_config(VLM_RECIPE).model,
+                                                                         pretrained=str(backbone)))
+
+
 def checkpoint_to_time(shipped: Path, work: Path) -> tuple[Path, str]:
     """The checkpoint if it has both decoders, else a random-weight model of its config that has."""
     if not (shipped / "config.json").is_file():
@@ -171,13 +185,15 @@ def main() -> None:
     for name in args.models.split(","):
         if name == "default":
             checkpoint, label = checkpoint_to_time(shipped, work)
+        elif name in VLMS:
+            checkpoint, label = make_vlm_checkpoint(work / name, VLMS[name]), f"{name} (random)"
         else:
             checkpoint, label = make_checkpoint(work / name, ModelConfig(**BIG_BACKBONE)), f"{name} (random)"
         runtime = load_runtime(checkpoint, "torch", "cpu")
         model = runtime.decode.model
         params = sum(p.numel() for p in model.parameters())
         onnx = None
-        if name == "default" or device == "cuda":  # the big model on 2 CPU cores would take minutes
+        if name != "0.5b" or device == "cuda":  # the 0.5B Llama's export alone takes minutes on 2 CPU cores
             onnx = checkpoint / "model.onnx"
             if not onnx.is_file():
                 onnx = work / f"{name}.onnx"

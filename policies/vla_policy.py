@@ -58,6 +58,10 @@ class VLAPolicy:
         """What the model's observations hold (image size, IMU window, wrist camera)."""
         return self.runtime.config.spec
 
+    def unknown_words(self, instruction: str) -> list[str]:
+        """Words of `instruction` the model was not trained on (it still acts: they are worth a warning)."""
+        return self.runtime.processor.unknown_words(instruction)
+
     def reset(self, instruction: str) -> None:
         self.instruction, self.t = instruction, 0
         self.chunks: deque[tuple[int, np.ndarray]] = deque(maxlen=self.runtime.chunk)  # (step predicted, [k, 7])

@@ -40,9 +40,9 @@ class FakeIndex:
             "actions": rng.uniform(ACTION_LOW, ACTION_HIGH, (n, chunk, 7)).astype(np.float32),
             "action_mask": rng.random((n, chunk)) > 0.2,
         }
-        self.instructions = [
-            ["touch the red cube", "reach the blue ball", "move to the green cylinder"][i % 3] for i in range(n)
-        ]
+        self.per_sample = [["touch the red cube", "reach the blue ball", "move to the green cylinder"][i % 3]
+                           for i in range(n)]
+        self.instructions = sorted(set(self.per_sample))
         self.stats = {
             "action": {"q01": ACTION_LOW.tolist(), "q99": ACTION_HIGH.tolist()},
             "state": {"mean": [0.0] * 15, "std": [1.0] * 15},
@@ -51,7 +51,7 @@ class FakeIndex:
         self.calls, self.crash_on_call, self.nan_on_call = 0, crash_on_call, nan_on_call
 
     def __len__(self) -> int:
-        return len(self.instructions)
+        return len(self.per_sample)
 
     def batch(self, indices) -> dict:
         self.calls += 1
@@ -61,7 +61,7 @@ class FakeIndex:
         out = {k: v[indices] for k, v in self.data.items()}
         if self.calls == self.nan_on_call:
             out["state"] = np.full_like(out["state"], np.nan)
-        return out | {"instruction": [self.instructions[i] for i in indices], "task": ["reach"] * len(indices)}
+        return out | {"instruction": [self.per_sample[i] for i in indices], "task": ["reach"] * len(indices)}
 
 
 def recipe(tmp_path, **overrides) -> TrainConfig:

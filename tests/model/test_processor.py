@@ -134,3 +134,16 @@ def test_observations_that_are_not_dicts_are_clear_errors(tiny_model, observatio
     _, processor = tiny_model()
     with pytest.raises(ValueError, match=message):
         processor.inputs(observations)
+
+
+def test_words_the_model_was_not_trained_on(tiny_model, stats, tmp_path):
+    from vla.model import ModelConfig, create
+    from vla.model.checkpoint import load_checkpoint, save_checkpoint
+
+    model, processor = create(ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+                                          vision_width=16, chunk=2), stats, [], ["touch the red cube", "Lift the BALL"])
+    assert processor.unknown_words("TOUCH the red ball!") == []
+    assert processor.unknown_words("hoist the crimson cube, hoist it") == ["hoist", "crimson", "it"]
+    _, loaded = load_checkpoint(save_checkpoint(tmp_path / "ckpt", model, processor))
+    assert loaded.vocabulary == processor.vocabulary
+    assert tiny_model()[1].unknown_words("anything at all") == []  # no instructions given: nothing to say

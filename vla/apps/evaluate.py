@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 from rich.table import Table
+from tqdm import tqdm
 
 from policies.vla_policy import VLAPolicy
 from sim import SimConfig
@@ -38,13 +39,18 @@ from vla.model.checkpoint import trained_tasks
 
 
 class TimedPolicy:
-    """Measures the policy's time per act() call: the control-step latency a robot would see."""
+    """Measures the policy's time per act() call: the control-step latency a robot would see; warns
+    (once per set of words) about instructions with words the model was not trained on."""
 
     def __init__(self, policy):
-        self.policy, self.seconds = policy, []
+        self.policy, self.seconds, self.warned = policy, [], set()
 
     def reset(self, instruction: str) -> None:
         self.policy.reset(instruction)
+        unknown = self.policy.unknown_words(instruction)
+        if unknown and frozenset(unknown) not in self.warned:
+            self.warned.add(frozenset(unknown))
+            tqdm.write(f"warning: {instruction!r} has words the model was not trained on: {', '.join(unknown)}")
 
     def act(self, obs: dict) -> np.ndarray:
         start = time.perf_counter()

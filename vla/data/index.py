@@ -94,6 +94,12 @@ class EpisodeIndex:
             sample["wrist_image"] = np.array(self._arrays["wrist_images"][row])
         return sample
 
+    @property
+    def instructions(self) -> list[str]:
+        """The distinct instructions of the selected samples."""
+        used = np.unique(self._arrays["instruction"][self._rows])
+        return [self._meta["instructions"][k] for k in used]
+
     def batch(self, indices) -> dict:
         """The samples at `indices`, stacked: arrays with a leading batch axis, lists for strings."""
         rows = self._rows[np.asarray(indices, dtype=np.int64)]

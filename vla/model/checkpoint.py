@@ -35,12 +35,13 @@ from vla.contracts.observation import IMU_CHANNELS, IMU_LIMITS, STATE_LIMIT
 from vla.files import atomic_directory
 from vla.model.config import ModelConfig
 from vla.model.model import VLAModel, build_lm, lm_from_config, load_backbone
-from vla.model.processor import Processor
+from vla.model.processor import Processor, vocabulary
 from vla.model.text import TokenIds, build_tokenizer
 from vla.model.vlm import image_statistics, load_vision_encoder
 
 FORMAT, FORMAT_VERSION = "vla-checkpoint", 1
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
+MAX_VOCABULARY = 100_000  # words of the training instructions
 MAX_ERROR_CHARS = 300  # values quoted in errors are cut to this
 
 
@@ -53,9 +54,10 @@ def versions() -> dict[str, str]:
             "safetensors": safetensors.__version__}
 
 
-def create(config: ModelConfig, stats: dict, corpus: list[str]) -> tuple[VLAModel, Processor]:
+def create(config: ModelConfig, stats: dict, corpus: list[str], instructions=()) -> tuple[VLAModel, Processor]:
     """A new, untrained model and its processor: a from-scratch LM with a BPE tokenizer trained on
-    the instruction `corpus`, or the pretrained backbone of `config.pretrained` and its tokenizer;
+    the instruction `corpus` (and the training `instructions`, whose words the processor keeps as
+    the words it knows), or the pretrained backbone of `config.pretrained` and its tokenizer;
     a pretrained vision encoder for vision: pretrained. vlm.BackboneError (one line) for a backbone
     directory that does not hold what the config asks for."""
     if config.vision in ("pretrained", "vlm"):  # checked before any weights are read
@@ -63,10 +65,10 @@ def create(config: ModelConfig, stats: dict, corpus: list[str]) -> tuple[VLAMode
     if config.pretrained:
         tokenizer, lm = load_backbone(config)
     else:
-        tokenizer = build_tokenizer(corpus, config.text_vocab_size)
+        tokenizer = build_tokenizer([*corpus, *instructions], config.text_vocab_size)
         lm = build_lm(config, len(tokenizer) + config.action_bins, tokenizer.pad_token_id)
     vision = load_vision_encoder(config.vision_pretrained) if config.vision == "pretrained" else None
-    processor = Processor(config, stats, tokenizer)
+    processor = Processor(config, stats, tokenizer, vocabulary(instructions) if instructions else None)
     # the bins are the table's last rows (after the tokenizer, and after a pretrained table's padding)
     ids = replace(processor.ids, action_offset=lm.get_input_embeddings().num_embeddings - config.action_bins)
     return VLAModel(config, stats, ids, lm, vision), processor
@@ -86,6 +88,7 @@ def save_checkpoint(path: str | Path, model: VLAModel, processor: Processor, ext
             "model": to_dict(model.config), "stats": processor.stats, "lm_config": model.lm.config.to_dict(),
             **({"vision_config": model.vision_tower.config.to_dict()} if model.config.vision == "pretrained" else {}),
             "tokenizer": {"text_vocab_size": len(processor.tokenizer), "action_token_offset": model.action_offset},
+            **({"vocabulary": sorted(processor.vocabulary)} if processor.vocabulary is not None else {}),
             "weights_sha256": weights_sha256(staging), "versions": versions(), **(extra or {}),
         }
         (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=1, default=_jsonable))
@@ -163,13 +166,14 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     if isinstance(offset, bool) or not isinstance(offset, int) or offset < len(tokenizer):
         raise CheckpointError(f"{config_file}: tokenizer.action_token_offset must be an integer from the tokenizer's "
                               f"size {len(tokenizer)} on, got {_quote(offset)}")
+    known = _vocabulary(meta.get("vocabulary"), config_file)
     shapes = _stored_shapes(path, meta.get("weights_sha256"))
     lm_config = _lm_config(meta["lm_config"], config, config_file)
     vision_config = _vision_config(meta.get("vision_config"), config, config_file)
 
     def build() -> tuple[VLAModel, Processor]:
         try:
-            processor = Processor(config, stats, tokenizer)
+            processor = Processor(config, stats, tokenizer, known)
             ids = replace(TokenIds.of(tokenizer, config), action_offset=offset)
             vision = AutoModel.from_config(vision_config, dtype=torch.float32) if vision_config else None
             return VLAModel(config, stats, ids, lm_from_config(lm_config), vision), processor
@@ -256,6 +260,17 @@ def _check_stats(stats: dict, config: ModelConfig, file: Path) -> dict:
     if np.any(np.asarray(stats["action"]["q99"]) < np.asarray(stats["action"]["q01"])):
         raise CheckpointError(f"{file}: stats.action.q99 is below q01")
     return stats
+
+
+def _vocabulary(words, file: Path) -> frozenset[str] | None:
+    """The words the model was trained on (None for checkpoints from before they were kept)."""
+    if words is None:
+        return None
+    if not (isinstance(words, list) and len(words) <= MAX_VOCABULARY
+            and all(isinstance(w, str) and 0 < len(w) <= 64 for w in words)):
+        raise CheckpointError(f"{file}: vocabulary must be a list of at most {MAX_VOCABULARY} words, "
+                              f"got {_quote(words)}")
+    return frozenset(words)
 
 
 def _load_tokenizer(path: Path, meta: dict):

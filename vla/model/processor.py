@@ -35,10 +35,21 @@ from vla.model.text import PromptEncoder, TokenIds, normalize_instruction
 
 
 class Processor:
-    def __init__(self, config: ModelConfig, stats: dict, tokenizer: PreTrainedTokenizerBase):
-        self.config, self.stats, self.tokenizer = config, stats, tokenizer
+    """`vocabulary`: the words of the instructions the model was trained on (None: not known, as for
+    checkpoints from before it was kept)."""
+
+    def __init__(self, config: ModelConfig, stats: dict, tokenizer: PreTrainedTokenizerBase,
+                 vocabulary: frozenset[str] | None = None):
+        self.config, self.stats, self.tokenizer, self.vocabulary = config, stats, tokenizer, vocabulary
         self.prompt = PromptEncoder(tokenizer, config)
         self.action_tokenizer = ActionTokenizer.from_stats(stats["action"], config.action_bins)
+
+    def unknown_words(self, instruction: str) -> list[str]:
+        """The words of `instruction` that no training instruction used, in order (the model still
+        acts on it: what it makes of them is its guess)."""
+        if self.vocabulary is None:
+            return []
+        return list(dict.fromkeys(w for w in normalize_instruction(instruction).split() if w not in self.vocabulary))
 
     @property
     def ids(self) -> TokenIds:
@@ -117,6 +128,11 @@ def _observation_list(observations) -> list[dict]:
 
 def _kind(value) -> str:
     return f"{type(value).__name__} {getattr(value, 'dtype', '')}".strip()
+
+
+def vocabulary(instructions) -> frozenset[str]:
+    """The words of `instructions`, as the processor normalises them."""
+    return frozenset(word for text in instructions for word in normalize_instruction(text).split())
 
 
 def instruction(observation: dict) -> str:

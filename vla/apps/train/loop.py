@@ -122,7 +122,7 @@ def train(config: TrainConfig, index=None, resume: str | Path | None = None, pro
                 f"the recipe's model section differs from the checkpoint's ({resume_dir}); resume with the same model"
             )
     else:
-        model, processor = create(config.model, index.stats, language.corpus())
+        model, processor = create(config.model, index.stats, language.corpus(), index.instructions)
     prepare_finetuning(model, config.finetune)
     model.to(procs.device).train()
     wrapped = (

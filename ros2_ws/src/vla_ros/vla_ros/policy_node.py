@@ -312,6 +312,9 @@ class PolicyNode(LifecycleNode):
         if self.chunks is not None:
             self.chunks.clear()
         self.get_logger().info(f"instruction: {msg.data!r}")
+        unknown = self.policy.unknown_words(msg.data) if hasattr(self.policy, "unknown_words") else []
+        if unknown:  # the model still acts on it; what it makes of these words is its guess
+            self.get_logger().warning(f"instruction has words the model was not trained on: {', '.join(unknown)}")
 
     def on_camera(self, msg) -> None:
         self.on_image("camera", msg)

@@ -89,3 +89,17 @@ def test_vla_eval_compares_held_out_phrasings_with_the_training_ones(tmp_path, c
     assert set(report["phrasings"]) == {"train", "heldout"} and report["settings"]["phrasing"] == "heldout"
     assert report["success"] == report["phrasings"]["heldout"]["success"]
     assert capsys.readouterr().out.count("│ reach ") == 3  # both tables, and the one side by side
+
+
+def test_vla_eval_warns_about_words_the_model_was_not_trained_on(tmp_path, capsys, stats):
+    from vla.model import ModelConfig, create
+    from vla.model.checkpoint import save_checkpoint
+
+    config = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, vision_width=16, chunk=2)
+    model, processor = create(config, stats, [], ["touch the red ball", "reach the blue cube"])
+    checkpoint = save_checkpoint(tmp_path / "ckpt", model, processor)
+    argv = ["eval", "--checkpoint", str(checkpoint), "--task", "reach", "--episodes", "2", "--video-episodes", "0",
+            "--instruction", "poke the {colour} {shape}", "--out", str(tmp_path / "eval")]
+    assert vla_main(argv) == 0
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert warnings and all("poke" in line for line in warnings)

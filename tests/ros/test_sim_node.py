@@ -89,11 +89,15 @@ def check_rollouts(recorded: list, expected: list) -> None:
 
 @pytest.fixture
 def cpu_burners():
-    """A busy process per core, each living at most BURN_S, killed at the end of the test."""
-    burn = f"import time\nend = time.monotonic() + {BURN_S}\nwhile time.monotonic() < end:\n    pass"
-    burners = [subprocess.Popen([sys.executable, "-c", burn]) for _ in os.sched_getaffinity(0)]
+    """cpu_burners() starts a busy process per core, each living at most BURN_S, killed at the end of the test."""
+    code = f"import time\nend = time.monotonic() + {BURN_S}\nwhile time.monotonic() < end:\n    pass"
+    burners = []
+
+    def burn() -> None:
+        burners.extend(subprocess.Popen([sys.executable, "-c", code]) for _ in os.sched_getaffinity(0))
+
     try:
-        yield
+        yield burn
     finally:
         for burner in burners:
             burner.kill()
@@ -109,13 +113,15 @@ def test_recording_under_cpu_load_misfiles_and_loses_no_episode(ros, tmp_path, c
     ros.start("recorder_node", CONFIG / "recorder.yaml", nice=10, follow_episodes=True, output_dir=dataset)
     # no hold and no observation published again, however slow a step: every action is the in-process one
     ros.start("policy_node", CONFIG / "policy_sim.yaml", policy="random", max_input_age=60.0)
-    ros.wait_active(timeout=300)
-    ros.call(SetBool, "/recorder_node/record", SetBool.Request(data=False), timeout=120)  # up
+    ros.wait_active()
+    ros.call(SetBool, "/recorder_node/record", SetBool.Request(data=False))  # up
     ros.start("sim_node", CONFIG / "sim.yaml", max_steps=STEPS, lockstep_timeout=10.0, start_delay=600.0)
     ros.spin_until(lambda: ros.node.count_subscribers(TOPICS["image"]) >= 2 and
-                   ros.node.count_publishers(TOPICS["cmd_twist"]) >= 1, 120, "the loop's nodes discovered")
+                   ros.node.count_publishers(TOPICS["cmd_twist"]) >= 1, 60, "the loop's nodes discovered")
     ros.spin_for(2.0)  # for them to discover one another as well
-    ros.call(Trigger, "/sim_node/reset", Trigger.Request(), timeout=120)  # the first episode
+    ros.call(Trigger, "/sim_node/reset", Trigger.Request())  # the first episode
+    # (the burners start now: a service answer is lost when it cannot be delivered within 100 ms)
+    cpu_burners()
     ros.spin_until(lambda: len(load_manifest(dataset)) >= episodes, 600, f"{episodes} recorded episodes")
     recorded = [read_episode(dataset / e["path"]) for e in load_manifest(dataset)]
     seeds = [episode.info["seed"] for episode in recorded]

@@ -49,6 +49,7 @@ class Ros:
         import rclpy
         from rclpy.executors import SingleThreadedExecutor
 
+        logs.mkdir(parents=True, exist_ok=True)
         self.logs, self.processes = logs, []
         self.node = rclpy.create_node(f"ros_async_{os.getpid()}")
         self.executor = SingleThreadedExecutor()
@@ -58,7 +59,7 @@ class Ros:
         command = [str(BIN / executable), "--ros-args", "--params-file", str(CONFIG / params_file)]
         for key, value in params.items():
             command += ["-p", f"{key}:={value}"]
-        log = open(self.logs / f"{executable}_{len(self.processes)}.log", "w")
+        log = open(self.logs / f"{executable}.log", "w")
         self.processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT))
 
     def spin_until(self, condition, timeout: float, what: str) -> None:
@@ -172,8 +173,8 @@ def main(argv=None) -> int:
     logs = Path(tempfile.mkdtemp(prefix="ros_async_"))
     rclpy.init()
     try:
-        slow = {mode: slow_model(mode, args, logs) for mode in MODES}
-        success = {mode: closed_loop(mode, args, logs) for mode in MODES}
+        slow = {mode: slow_model(mode, args, logs / f"slow_{mode}") for mode in MODES}
+        success = {mode: closed_loop(mode, args, logs / f"closed_loop_{mode}") for mode in MODES}
     finally:
         rclpy.shutdown()
     print(f"\n1. policy {args.policy}, control at {args.rate:g} Hz, inference slowed by {args.slowdown:g} periods "

@@ -71,7 +71,7 @@ class FakeRobot:
         from vla_ros import qos
         from vla_ros.conversions import fill
 
-        self.node, self.T, self.M, self.fill, self.msgs = node, T, fill, (Image, Imu, JointState)
+        self.node, self.T, self.M, self.fill, self.msgs = node, T, M, fill, (Image, Imu, JointState)
         self.camera = node.create_publisher(Image, T.TOPICS["image"], qos.SENSOR)
         self.joints = node.create_publisher(JointState, T.TOPICS["joint_states"], qos.SENSOR)
         self.imu = node.create_publisher(Imu, T.TOPICS["imu"], qos.SENSOR_QUEUED)

@@ -121,6 +121,27 @@ def test_late_commands_pair_with_the_observation_their_twist_answers(tmp_path):
     np.testing.assert_array_equal(steps["states"], episode.states[:3])
 
 
+def test_commands_logged_in_a_burst_pair_with_the_twist_that_commands_the_same_motion(tmp_path):
+    """A loaded recorder may receive a run of actions at once and their twists after them: the
+    twist logged nearest to an action is then another's; the one commanding its motion is its own."""
+    writer = EpisodeWriter(tmp_path / "burst")
+    for t in range(4):
+        stamp = step_stamp(t, 10)
+        writer.write("image", stamp, M.image_fields(np.full((8, 8, 3), t, np.uint8), stamp))
+        writer.write("joint_states", stamp, M.joint_state_fields(np.full(9, 0.1 * t), np.zeros(9), stamp))
+        writer.write("imu", stamp, M.imu_fields(np.zeros(6), stamp))
+    burst = step_stamp(3, 10) + 50_000_000
+    actions = [np.array([0.01 * (t + 1), 0, 0, 0, 0, 0, 1], np.float32) for t in range(3)]
+    for t, action in enumerate(actions):  # the actions, then the twists, each a microsecond apart
+        writer.write("action", burst + t * 1000, M.action_fields(action))
+        writer.write("cmd_twist", burst + (3 + t) * 1000, M.twist_fields(action, 10, step_stamp(t, 10)))
+    writer.close({"task": "reach", "instruction": "touch the red ball", "seed": 0, "success": True, "steps": 3,
+                  "control_hz": 10})
+    episode = read_episode(tmp_path / "burst")
+    assert episode.action_stamps.tolist() == [step_stamp(t, 10) for t in range(3)]
+    assert [image[0, 0, 0] for image in episode.steps()["images"]] == [0, 1, 2]
+
+
 @pytest.mark.parametrize("case, problem", [
     ("empty directory", "not a rosbag2 directory"),
     ("text file", "not a rosbag2 directory or .mcap file"),

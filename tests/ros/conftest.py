@@ -115,18 +115,28 @@ class Harness:
         while time.monotonic() < end:
             self.executor.spin_once(timeout_sec=0.005)
 
-    def call(self, srv_type, service: str, request, timeout: float = 30.0):  # generous: nodes answer once loaded
+    def call(self, srv_type, service: str, request, timeout: float = 30.0, resend_after: float | None = None):
+        """The answer of `service`, waiting up to `timeout` (generous: nodes answer once loaded).
+        `resend_after`: for a query that may be asked again, a request left unanswered that long is
+        sent again: Fast DDS drops an answer it cannot deliver within 100 ms, which a busy machine
+        sometimes cannot (the server has not yet discovered this client's response reader)."""
         if service not in self.clients:
             self.clients[service] = self.node.create_client(srv_type, service)
         client = self.clients[service]
+        end = time.monotonic() + timeout
         if not client.service_is_ready():
             self.spin_until(client.service_is_ready, timeout, f"service {service}")
-            # The server discovers this client's response reader a moment after the client sees the
-            # server; Fast DDS drops an answer it cannot deliver within 100 ms (seen on a busy machine).
-            self.spin_for(1.0)
-        future = client.call_async(request)
-        self.spin_until(future.done, timeout, f"the answer of {service}")
-        return future.result()
+            self.spin_for(1.0)  # for the server to discover this client's response reader as well
+        while True:
+            future = client.call_async(request)
+            attempt = min(end, time.monotonic() + resend_after) if resend_after else end
+            self.spin_until(lambda future=future, attempt=attempt: future.done() or time.monotonic() > attempt,
+                            timeout, f"the answer of {service}")
+            if future.done():
+                return future.result()
+            client.remove_pending_request(future)
+            if time.monotonic() > end:
+                pytest.fail(f"no answer of {service} within {timeout} s\n{self.logs_text()}")
 
     def stop(self, name: str) -> None:
         self.processes[name].send_signal(signal.SIGINT)
@@ -195,11 +205,13 @@ class Harness:
         return infos
 
     def get_parameters(self, node: str, names: list[str]) -> dict:
-        response = self.call(GetParameters, f"/{node}/get_parameters", GetParameters.Request(names=names), timeout=30)
+        response = self.call(GetParameters, f"/{node}/get_parameters", GetParameters.Request(names=names), timeout=30,
+                             resend_after=5.0)
         return {name: rclpy.parameter.parameter_value_to_python(value) for name, value in zip(names, response.values)}
 
     def lifecycle_state(self, timeout: float = 30.0) -> str:
-        return self.call(GetState, "/policy_node/get_state", GetState.Request(), timeout).current_state.label
+        request = GetState.Request()
+        return self.call(GetState, "/policy_node/get_state", request, timeout, resend_after=5.0).current_state.label
 
     def wait_active(self, timeout: float = 120) -> None:
         """Wait for policy_node to be active (loading a model takes a while); fail at once if it cannot."""

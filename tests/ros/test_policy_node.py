@@ -293,7 +293,9 @@ def test_camera_formats_drive_the_policy_the_same(ros):
     env = make_env("reach", SimConfig())
     frames = []
     try:
-        obs, _ = env.reset(seed=EVAL_SEED_OFFSET)
+        # in the words the model was trained on: an instruction it cannot read makes its choice a
+        # toss-up that resampling may tip
+        obs, _ = env.reset(seed=EVAL_SEED_OFFSET, options={"instruction": "touch the {colour} {shape}"})
         for _ in range(3):
             arm, fingers = env.unwrapped.robot.joint_positions()
             frames.append((obs, list(arm) + list(fingers), list(env.unwrapped.imu.samples)))

@@ -8,6 +8,7 @@ Readers use only what the manifest lists.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -176,6 +177,8 @@ class DatasetWriter:
     def close(self) -> None:
         if self._dirty:
             self.save()
+        with contextlib.suppress(OSError):  # an episode still being written keeps it
+            (self.root / PARTIAL).rmdir()
         self._lock.close()  # releases the lock
 
     def __enter__(self) -> DatasetWriter:

@@ -165,8 +165,12 @@ def action_from_msg(msg) -> np.ndarray:
     return data
 
 
+def twist_vector(twist_msg) -> np.ndarray:
+    """(vx, vy, vz, wx, wy, wz) of a TwistStamped."""
+    lin, ang = twist_msg.twist.linear, twist_msg.twist.angular
+    return np.array([lin.x, lin.y, lin.z, ang.x, ang.y, ang.z])
+
+
 def action_from_twist(twist_msg, gripper: float, control_hz: float) -> np.ndarray:
     """Inverse of twist_fields + gripper_fields: the 7-D action from a TwistStamped and a gripper value."""
-    lin, ang = twist_msg.twist.linear, twist_msg.twist.angular
-    delta = np.array([lin.x, lin.y, lin.z, ang.x, ang.y, ang.z]) / control_hz
-    return np.append(delta, gripper).astype(np.float32)
+    return np.append(twist_vector(twist_msg) / control_hz, gripper).astype(np.float32)

@@ -42,6 +42,7 @@ from vla.data.messages import (
     imu_sample_from_msg,
     stamp_from_header,
     state_from_msg,
+    twist_vector,
 )
 from vla.data.writer import CUSTOM_DATA_KEY
 from vla.images import fit_image
@@ -261,7 +262,7 @@ def _read_mcap(file: Path, streams: dict, stamps: dict) -> None:
             msg = TYPESTORE.deserialize_cdr(message.data, schemas[channel.schema_id].name)
             if key == "cmd_twist":  # ordered by when it was logged, beside the action logged with it
                 stamps[key].append(message.log_time)
-                streams[key].append(stamp_from_header(msg.header))
+                streams[key].append((stamp_from_header(msg.header), twist_vector(msg)))
                 continue
             stamps[key].append(stamp_from_header(msg.header) if hasattr(msg, "header") else message.log_time)
             streams[key].append(_convert(file, key, msg))
@@ -318,8 +319,9 @@ def _episode(path: Path, info: dict, streams: dict, stamps: dict) -> Episode:
     states, state_stamps = ordered("joint_states")
     imu, imu_stamps = ordered("imu")
     actions, action_logged = ordered("action")
-    twist_stamps, twist_logged = ordered("cmd_twist")
-    action_stamps = _answered_stamps(action_logged, twist_logged, np.asarray(twist_stamps, dtype=np.int64))
+    twists, twist_logged = ordered("cmd_twist")
+    action_stamps = _answered_stamps(np.stack(actions) if actions else np.zeros((0, 7)), action_logged, twists,
+                                     twist_logged, float(info["control_hz"]))
     instructions, instruction_stamps = ordered("instruction")
     episode = Episode(
         path,
@@ -363,14 +365,19 @@ def _check_values(episode: Episode) -> None:
             raise EpisodeError(episode.path, f"{TOPICS[key]}: the image size changes within the episode ({shapes[:2]})")
 
 
-def _answered_stamps(action_logged: np.ndarray, twist_logged: np.ndarray, twist_stamps: np.ndarray) -> np.ndarray:
-    """Each action's stamp: the header stamp of the twist logged nearest to it (published with it;
-    twists of a holding policy node come without actions), or its own log time without twists."""
-    if not len(twist_logged):
+def _answered_stamps(actions: np.ndarray, action_logged: np.ndarray, twists: list, twist_logged: np.ndarray,
+                     control_hz: float) -> np.ndarray:
+    """Each action's stamp: the header stamp of the twist published with it, which commands the same
+    motion (twist = delta x control_hz) and was logged nearest to it; the twists of a holding policy
+    node, and any a loaded recorder logged in a burst, do not pair with the wrong action. Without a
+    twist commanding it (or no twists at all), the nearest logged twist, or its own log time."""
+    if not twists:
         return action_logged
-    after = np.clip(np.searchsorted(twist_logged, action_logged), 0, len(twist_logged) - 1)
-    before = np.clip(after - 1, 0, None)
-    nearest = np.where(
-        np.abs(twist_logged[after] - action_logged) < np.abs(twist_logged[before] - action_logged), after, before
-    )
-    return twist_stamps[nearest]
+    stamps = np.array([stamp for stamp, _ in twists], dtype=np.int64)
+    commanded = np.stack([vector for _, vector in twists]) / control_hz
+    paired = []
+    for action, logged in zip(actions, action_logged):
+        distance = np.abs(twist_logged - logged).astype(np.float64)
+        same = np.all(np.abs(commanded - action[:6]) <= 1e-6 + 1e-5 * np.abs(action[:6]), axis=1)
+        paired.append(stamps[np.argmin(np.where(same, distance, np.inf)) if same.any() else np.argmin(distance)])
+    return np.asarray(paired, dtype=np.int64)

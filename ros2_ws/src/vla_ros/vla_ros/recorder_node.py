@@ -26,7 +26,6 @@ episode's are written as they arrive. A followed episode's bag starts with its a
 from __future__ import annotations
 
 import bisect
-import contextlib
 import functools
 import json
 import shutil
@@ -42,7 +41,7 @@ from std_msgs.msg import Float32MultiArray, String
 from std_srvs.srv import SetBool
 
 from vla.contracts.topics import MSG_TYPES, TOPICS
-from vla.data.dataset import PARTIAL, DatasetWriter, dir_bytes, episode_name, partial_episode, publish_episode
+from vla.data.dataset import DatasetWriter, dir_bytes, episode_name, partial_episode, publish_episode
 from vla.data.record import FORMAT
 from vla.data.writer import EpisodeWriter
 from vla_ros import params, qos
@@ -150,9 +149,7 @@ class RecorderNode(Node):
                 self.finish(episode)
             else:
                 self.discard(episode, "shutdown before the episode ended")
-        self.dataset.close()
-        with contextlib.suppress(OSError):  # not empty: a bag that failed to close
-            (self.dataset.root / PARTIAL).rmdir()
+        self.dataset.close()  # and its .partial/, once empty
 
     def now(self) -> int:
         return self.get_clock().now().nanoseconds

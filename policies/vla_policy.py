@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from policies.ensemble import temporal_ensemble
 from vla.contracts.action import ACTION_DIM
 from vla.contracts.observation import ObservationSpec
 from vla.runtime import Runtime, load_runtime
@@ -80,9 +81,6 @@ class VLAPolicy:
             self.chunks.append((self.t, self.runtime.predict(obs)[0]))
             ages = np.array([self.t - start for start, _ in self.chunks])
             predictions = np.stack([chunk[age] for (_, chunk), age in zip(self.chunks, ages)])
-            weights = np.exp(-self.ensemble_decay * ages)
-            action = (weights[:, None] * predictions).sum(0) / weights.sum()
+            action = temporal_ensemble(predictions, ages, self.ensemble_decay)
         self.t += 1
-        # inside the limits: the runtime's chunks are, and so is their weighted mean (computed in
-        # float64, its rounding error is far below what the cast to float32 rounds away)
-        return action.astype(np.float32).reshape(ACTION_DIM)
+        return action.astype(np.float32).reshape(ACTION_DIM)  # inside the limits: the runtime's chunks are

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from policies import Policy, RandomPolicy, load_policy
+from policies.ensemble import temporal_ensemble
 from policies.vla_policy import VLAPolicy
 from sim import make_env
 from sim.expert import ScriptedExpert
@@ -49,6 +50,17 @@ def test_temporal_ensembling_weights_newer_chunks_more():
     expected = (weights * np.array([0.02, 0.011, 0.002])).sum() / weights.sum()
     assert xs[2] == pytest.approx(expected, abs=1e-6)
     assert model.calls == 3
+
+
+def test_the_gripper_follows_the_newest_chunk_not_a_mean():
+    """Chunks disagreeing on the gripper (open 1, closed 0) must not give half-open fingers."""
+    predictions = np.zeros((3, 7))
+    predictions[:, 0] = [0.03, 0.02, 0.01]
+    predictions[:, 6] = [0.0, 1.0, 1.0]  # the newest (age 0) closes
+    action = temporal_ensemble(predictions, np.array([0, 1, 2]), 0.5)
+    weights = np.exp(-0.5 * np.arange(3))
+    assert action[0] == pytest.approx((weights * predictions[:, 0]).sum() / weights.sum(), abs=1e-7)
+    assert action[6] == 0.0 and action.dtype == np.float32
 
 
 def test_new_instruction_restarts_execution():

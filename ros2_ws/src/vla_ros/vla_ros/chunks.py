@@ -4,10 +4,11 @@ loop plays the action chunks it returns, so that control never waits for the mod
 Each chunk answers one observation and is aligned with it by its stamp: action i of a chunk predicted
 from the observation stamped s covers [s + i / rate, s + (i + 1) / rate), rate being the rate the
 policy was trained at. The action for time t is the temporal ensemble (ACT; as VLAPolicy executes
-chunks in-process) of every chunk covering t: their actions for t, weighted exp(-decay * i), the
-newest chunk weighted most. A new chunk is thus blended in as it arrives, without a jump, and the
-robot keeps moving on the previous chunk while the next is computed; when no chunk covers t any more
-(the model took longer than a chunk lasts), there is no action and the node holds.
+chunks in-process: policies.ensemble) of every chunk covering t: their actions for t, weighted
+exp(-decay * i), the newest chunk weighted most, the gripper the newest chunk's. A new chunk is
+thus blended in as it arrives, without a jump, and the robot keeps moving on the previous chunk
+while the next is computed; when no chunk covers t any more (the model took longer than a chunk
+lasts), there is no action and the node holds.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+
+from policies.ensemble import temporal_ensemble
 
 
 class ActionChunks:
@@ -38,10 +41,9 @@ class ActionChunks:
         covering = [(stamp, actions, i) for stamp, actions, i in covering if i >= 0]
         if not covering:
             return None
-        weights = np.array([np.exp(-self.decay * i) for _, _, i in covering])
         predictions = np.stack([actions[i] for _, actions, i in covering])
-        action = (weights[:, None] * predictions).sum(0) / weights.sum()  # inside the limits, as every chunk is
-        return action.astype(np.float32), max(stamp for stamp, _, _ in covering)
+        action = temporal_ensemble(predictions, np.array([i for _, _, i in covering]), self.decay)
+        return action, max(stamp for stamp, _, _ in covering)
 
     def index(self, stamp: int, now_ns: int) -> int:
         return int((now_ns - stamp) // self.step_ns)

@@ -89,11 +89,12 @@ def _pick(options, rng: np.random.Generator):
     return options[rng.integers(len(options))]
 
 
-def corpus(split: str = "train", per_task: int = 2000, seed: int = 0) -> list[str]:
-    """Instructions drawn from `split` for every task and target (a tokenizer's training corpus)."""
+def corpus(split: str = "train", per_task: int = 2000, seed: int = 0, tasks=None) -> list[str]:
+    """Instructions drawn from `split` for every task (or those of `tasks`) and target (a tokenizer's
+    training corpus)."""
     rng = np.random.default_rng(seed)
     sentences = []
-    for task in VERBS[split]:
+    for task in tasks or VERBS[split]:
         for _ in range(per_task):
             colour, other = rng.choice(list(COLOUR_WORDS), size=2, replace=False)
             words = {"colour": colour, "bin_colour": other, "shape": _pick(list(SHAPE_WORDS), rng),

@@ -14,7 +14,7 @@ import torch
 import torch.multiprocessing as mp
 import yaml
 
-from vla.apps.train.data import random_shift
+from vla.apps.train.data import noisy_instruction, random_shift
 from vla.apps.train.loop import TrainingError, train
 from vla.apps.train.recipe import TrainConfig, load_config
 from vla.cli import main as vla_main
@@ -94,6 +94,19 @@ def test_shipped_recipes_load():
         assert config.model.chunk >= 1 and config.data.tasks
 
 
+def test_noisy_instructions_keep_every_word_in_order_and_add_one_or_two():
+    rng = np.random.default_rng(0)
+    text = "please touch the red ball"
+    noisy = [noisy_instruction(text, rng) for _ in range(200)]
+    assert noisy == [noisy_instruction(text, r) for r in [np.random.default_rng(0)] for _ in range(200)]  # seeded
+    for sentence in noisy:
+        words = sentence.split()
+        kept = iter(words)
+        assert all(word in kept for word in text.split())  # the original words, in their order
+        assert len(words) - 5 in (1, 2)
+    assert {len(s.split()) for s in noisy} == {6, 7} and len(set(noisy)) > 150
+
+
 def test_overrides_and_config_errors(tmp_path):
     config = load_config(
         "policies/configs/quickstart-cpu.yaml",
@@ -109,6 +122,8 @@ def test_overrides_and_config_errors(tmp_path):
         load_config("policies/configs/quickstart-cpu.yaml", ["optim.steps"])
     with pytest.raises(ConfigError, match="unknown task"):
         load_config("policies/configs/quickstart-cpu.yaml", ["data.tasks=[fly]"])
+    with pytest.raises(ConfigError, match="instruction_noise"):
+        load_config("policies/configs/quickstart-cpu.yaml", ["data.instruction_noise=1.5"])
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
 

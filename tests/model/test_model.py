@@ -25,6 +25,10 @@ def test_model_config_validation():
         ModelConfig(image_size=1_000_000)  # a damaged config must not ask for terabytes
     with pytest.raises(ValueError, match="hidden_size"):
         ModelConfig(hidden_size=True)
+    with pytest.raises(ValueError, match="token_merge"):
+        ModelConfig(token_merge=4)  # 96 / 16 = 6 patches a side
+    with pytest.raises(ValueError, match="token_merge needs vision: cnn"):
+        ModelConfig(vision="vit", vision_film=False, token_merge=2)
 
 
 def test_tiny_model_overfits_with_both_decoders(tiny_model, training_batch):
@@ -98,6 +102,26 @@ def test_sensors_follow_the_prompt(tiny_model, training_batch):
     assert model.imu_encoder is None and model.config.sensor_order == ["state", "image"]
     out = model(**training_batch(processor, 2)[0])
     assert torch.isfinite(out["loss"])
+
+
+def test_merged_image_tokens(tiny_model, training_batch, observations):
+    model, processor = tiny_model(token_merge=2)
+    assert model.config.image_tokens == 9 and model.image_encoder.position.shape == (9, 4 * 32)
+    assert torch.isfinite(model(**training_batch(processor, 2)[0])["loss"])
+    assert torch_runtime(model, processor).predict(observations(1)).shape == (1, 2, 7)
+
+
+def test_training_drops_common_padding_without_changing_the_loss(tiny_model, training_batch):
+    """Columns that are padding in every row cost compute and change nothing: the loss is the same
+    with max_text_tokens 8 or 40."""
+    losses = []
+    for max_text_tokens in (8, 40):
+        model, processor = tiny_model(max_text_tokens=max_text_tokens)
+        model.eval()
+        batch = training_batch(processor, 3)[0]
+        with torch.no_grad():
+            losses.append(model(**batch)["loss"].item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
 @pytest.mark.parametrize("vision", ["vit", "keypoints"])

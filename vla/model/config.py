@@ -46,6 +46,9 @@ class ModelConfig:
     keypoints: int = 32
     vision_width: int = 64
     vision_layers: int = 2  # transformer layers of the "vit" encoder
+    # "cnn": merge each m x m block of patches into one token, their features concatenated (Qwen2-VL's
+    # patch merger): m^2 times fewer image tokens for the LM, which is most of the compute.
+    token_merge: int = 1
     vision_film: bool = True  # condition the convolutions on the instruction (FiLM, RT-1)
     # ---- language model ----
     # Built from a transformers config of this model type and trained from scratch, unless
@@ -83,6 +86,12 @@ class ModelConfig:
             raise ValueError(
                 f"the cnn encoder halves the image per layer: patch_size must be a power of 2, got {self.patch_size}"
             )
+        grid = self.image_size // self.patch_size
+        if not isinstance(self.token_merge, int) or self.token_merge < 1 or grid % self.token_merge:
+            raise ValueError(f"ModelConfig.token_merge must be a positive divisor of the patch grid ({grid}), "
+                             f"got {self.token_merge!r}")
+        if self.token_merge > 1 and self.vision != "cnn":
+            raise ValueError("ModelConfig.token_merge needs vision: cnn")
         if self.vision_film and self.vision not in ("cnn", "keypoints"):
             raise ValueError("ModelConfig.vision_film needs a convolutional encoder (vision: cnn or keypoints)")
         if not 2 <= self.action_bins <= 4096:
@@ -136,7 +145,9 @@ class ModelConfig:
 
     @property
     def image_tokens(self) -> int:
-        return self.keypoints if self.vision == "keypoints" else (self.image_size // self.patch_size) ** 2
+        if self.vision == "keypoints":
+            return self.keypoints
+        return (self.image_size // self.patch_size // self.token_merge) ** 2
 
     @property
     def sensor_tokens(self) -> dict[str, int]:

@@ -63,10 +63,10 @@ class ImageEncoder(nn.Module):
             self.blocks = nn.Sequential(
                 nn.TransformerEncoder(layer, config.vision_layers, enable_nested_tensor=False), nn.LayerNorm(width)
             )
-        self.position = nn.Parameter(
-            torch.randn(config.image_tokens, width) * 0.02
-        )  # patch position or keypoint identity
-        self.project = projector(width, hidden)
+        self.merge = config.token_merge if config.vision == "cnn" else 1
+        token_width = width * self.merge**2
+        self.position = nn.Parameter(torch.randn(config.image_tokens, token_width) * 0.02)  # patch or keypoint id
+        self.project = projector(token_width, hidden)
 
     def forward(self, image: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         x = image.permute(0, 3, 1, 2).float() / 127.5 - 1.0
@@ -75,6 +75,8 @@ class ImageEncoder(nn.Module):
         if self.vision == "keypoints":
             x = self.keypoint(spatial_softmax(x))
         else:
+            if self.merge > 1:
+                x = F.pixel_unshuffle(x, self.merge)  # [B, width * m^2, H / m, W / m]
             x = x.flatten(2).transpose(1, 2)  # [B, patches, width]
         x = x + self.position
         return self.project(self.blocks(x) if self.vision == "vit" else x)
@@ -125,10 +127,16 @@ class ConvStack(nn.Module):
 
     def forward(self, x: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
-            x = norm(conv(x))
-            if self.films is not None:
-                gamma, beta = self.films[i](condition)[:, :, None, None].chunk(2, dim=1)
-                x = x * (1 + gamma) + beta
+            x = conv(x)
+            if self.films is None:
+                x = norm(x)
+            else:
+                # GroupNorm's affine and FiLM folded into one per-sample scale and shift: the same
+                # function as norm(x) * (1 + gamma) + beta, two fewer passes over the feature map.
+                gamma, beta = self.films[i](condition).chunk(2, dim=1)
+                scale, shift = norm.weight * (1 + gamma), norm.bias * (1 + gamma) + beta
+                x = torch.addcmul(shift[:, :, None, None], F.group_norm(x, norm.num_groups, eps=norm.eps),
+                                  scale[:, :, None, None])
             x = F.gelu(x)
         return x
 

@@ -284,6 +284,7 @@ class VLAModel(nn.Module):
         """Teacher-forced losses of the configured decoders. action_bins int64[B, k, 7] (the target
         action tokens), action_mask bool[B, k] (False past the end of an episode). -> dict of scalar
         tensors: loss (their sum), loss_<decoder> and accuracy_<decoder> (of the argmax bins)."""
+        text_ids, text_mask = drop_padding(text_ids, text_mask)
         prefix = self.embed_prefix(image, state, imu, text_ids, text_mask, wrist_image)
         targets = action_bins.flatten(1)  # [B, k * 7]
         weights = action_mask.repeat_interleave(ACTION_DIM, dim=1).float()
@@ -314,3 +315,11 @@ class VLAModel(nn.Module):
         if self.resolve_decoder(decoder) == "parallel":
             return self.forward_parallel(**inputs).argmax(-1)
         return self.generate_autoregressive(**inputs)
+
+
+def drop_padding(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the columns that are padding in every row. Padding shifts no position and is attended by
+    nothing, so the outputs are the same; training pays for the batch's longest instruction, not
+    for max_text_tokens. (Inference keeps the fixed length: static shapes for ONNX and CUDA graphs.)"""
+    keep = mask.any(0)
+    return (ids, mask) if bool(keep.all()) else (ids[:, keep], mask[:, keep])

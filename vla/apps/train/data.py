@@ -2,8 +2,10 @@
 up each step's batch, and image augmentation."""
 from __future__ import annotations
 
+import string
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DistributedSampler
 
@@ -12,6 +14,8 @@ from vla.apps.collect import record_dataset
 from vla.apps.train.recipe import TrainConfig
 from vla.data.index import EpisodeIndex
 from vla.model.processor import Processor
+
+LETTERS = string.ascii_lowercase
 
 
 def ensure_dataset(config: TrainConfig) -> Path:
@@ -56,10 +60,15 @@ class BatchSchedule:
 
 
 def collate(
-    samples: dict, processor: Processor, device: torch.device, shift: int = 0, seed: int = 0
+    samples: dict, processor: Processor, device: torch.device, shift: int = 0, noise: float = 0.0, seed: int = 0
 ) -> dict[str, torch.Tensor]:
     """index.batch(...) -> the keyword arguments of VLAModel.forward on `device`, images shifted by
-    up to `shift` pixels (random per image, drawn from `seed`)."""
+    up to `shift` pixels, a share `noise` of the instructions with made-up words (random per sample,
+    drawn from `seed`)."""
+    if noise:
+        rng = np.random.default_rng(seed)
+        samples = {**samples, "instruction": [noisy_instruction(text, rng) if rng.random() < noise else text
+                                              for text in samples["instruction"]]}
     batch = processor.batch(samples)
     if shift:
         generator = torch.Generator().manual_seed(seed)
@@ -76,3 +85,13 @@ def random_shift(images: torch.Tensor, shift: int, generator: torch.Generator) -
     offsets = torch.randint(0, 2 * shift + 1, (b, 2), generator=generator).tolist()
     crops = [padded[i, :, y : y + h, x : x + w] for i, (y, x) in enumerate(offsets)]
     return torch.stack(crops).permute(0, 2, 3, 1).to(torch.uint8)
+
+
+def noisy_instruction(text: str, rng: np.random.Generator) -> str:
+    """`text` with 1-2 made-up words (2-6 random letters) inserted at random places (at most 12 more
+    tokens: the longest training phrasing, 17 tokens, still fits 32)."""
+    words = text.split()
+    for _ in range(rng.integers(1, 3)):
+        word = "".join(rng.choice(list(LETTERS), rng.integers(2, 7)))
+        words.insert(rng.integers(len(words) + 1), word)
+    return " ".join(words)

@@ -157,6 +157,7 @@ def train(config: TrainConfig, index=None, resume: str | Path | None = None, pro
             processor,
             procs.device,
             config.data.image_shift,
+            config.data.instruction_noise,
             seed=(config.seed * 1_000_003 + step) * 64 + procs.rank,
         )
         with autocast:

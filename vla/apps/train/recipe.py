@@ -21,6 +21,10 @@ class DataConfig:
     tasks: tuple[str, ...] = ("reach",)  # recorded by `collect`, evaluated by `eval`
     collect: CollectConfig = field(default_factory=CollectConfig)
     image_shift: int = 0  # augmentation: shift training images by up to this many pixels (DrQ)
+    # augmentation: the share of instructions that get 1-2 made-up words inserted at random places, so
+    # that the policy learns to act on the words it knows and pass over those it does not (what a
+    # person's own phrasing brings); 0: off
+    instruction_noise: float = 0.0
 
 
 @dataclass
@@ -87,6 +91,8 @@ class TrainConfig:
             raise ValueError("log_every, save_every, keep_checkpoints must be positive; eval.every, eval.episodes >= 0")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if not 0 <= self.data.instruction_noise <= 1 or self.data.image_shift < 0:
+            raise ValueError("data.instruction_noise must be in 0..1 and data.image_shift >= 0")
         unknown = [t for t in self.data.tasks if t not in TASKS]
         if unknown or not self.data.tasks:
             raise ValueError(f"data.tasks: unknown task(s) {unknown}; choose from {sorted(TASKS)}")
@@ -95,7 +101,6 @@ class TrainConfig:
             raise ValueError(
                 f"eval.decoder {self.eval.decoder!r} is not among model.decoders {list(self.model.decoders)}"
             )
-
 
     def check_finetune(self) -> None:
         f = self.finetune

@@ -23,8 +23,12 @@ from sim.language import SPLITS
 from vla.apps.video import annotate, grid, write_video
 from vla.contracts.observation import ObservationSpec
 
-# Training data uses seeds from 0; evaluation uses seeds from here, so they never overlap.
+# Seed ranges that never overlap: training data from 0, evaluation (the test set: vla eval, vla demo)
+# from EVAL_SEED_OFFSET, evaluation during training (what a learning curve or a choice of
+# checkpoint sees) from TRAINING_EVAL_SEED_OFFSET, and the export's validation observations from
+# 2,000,000 (vla.apps.export).
 EVAL_SEED_OFFSET = 1_000_000
+TRAINING_EVAL_SEED_OFFSET = 3_000_000
 # CPU threads for a checkpoint's inference in the jobs. One: a batch-1 control step of these models
 # gains little from intra-op parallelism, and on a CPU shared with other work (the simulator,
 # other jobs) more threads busy-wait for each other (the default checkpoint on a loaded 2-core

@@ -39,7 +39,7 @@ def draw(run_dir: str | Path) -> Path | None:
     for task, points in curves.items():
         steps, rates = zip(*sorted(points))
         ax.plot(steps, [100 * r for r in rates], marker="o", label=task)
-    ax.set(xlabel="training step", ylabel="success on held-out seeds [%]", ylim=(-3, 103),
+    ax.set(xlabel="training step", ylabel="success on validation seeds [%]", ylim=(-3, 103),
            title=f"learning curve: {run_dir.name}")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")

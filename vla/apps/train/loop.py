@@ -28,7 +28,7 @@ from tqdm import tqdm
 from policies.vla_policy import VLAPolicy
 from sim import SimConfig, language
 from vla.apps import JobError
-from vla.apps.rollout import EVAL_SEED_OFFSET, by_task, run_episodes, success_rate
+from vla.apps.rollout import TRAINING_EVAL_SEED_OFFSET, by_task, run_episodes, success_rate
 from vla.apps.train.curve import draw as draw_learning_curve
 from vla.apps.train.data import BatchSchedule, collate, ensure_dataset, open_dataset
 from vla.apps.train.recipe import FinetuneConfig, OptimConfig, TrainConfig
@@ -257,7 +257,8 @@ def save_step(
 
 
 def evaluate(model: VLAModel, processor: Processor, config: TrainConfig) -> dict[str, float]:
-    """Closed-loop success rate per task on held-out seeds, with VLAPolicy in sim."""
+    """Closed-loop success rate per task on validation seeds (disjoint from the training data and
+    from vla eval's test seeds), with VLAPolicy in sim."""
     if config.eval.episodes == 0:
         return {}
     policy = VLAPolicy(torch_runtime(model, processor, config.eval.decoder or None), execution=config.eval.execution)
@@ -265,7 +266,7 @@ def evaluate(model: VLAModel, processor: Processor, config: TrainConfig) -> dict
         config.data.tasks,
         lambda env: policy,
         config.eval.episodes,
-        EVAL_SEED_OFFSET,
+        TRAINING_EVAL_SEED_OFFSET,
         SimConfig.for_spec(policy.spec),
         progress=False,
     )

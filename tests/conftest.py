@@ -1,5 +1,6 @@
 """Shared fixtures: a fresh interpreter, tiny models (with their processors), and observations and
 training batches for them."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -47,6 +48,16 @@ def run_python():
         return out.stdout
 
     return run
+
+
+@pytest.fixture(scope="session")
+def fuzz():
+    """benchmarks/fuzz.py as a module: the fuzz tests run a few hundred of its cases."""
+    spec = importlib.util.spec_from_file_location("benchmarks_fuzz", ROOT / "benchmarks" / "fuzz.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

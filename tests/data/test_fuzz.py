@@ -4,44 +4,28 @@ in metadata.yaml and manifest.json, damaged training caches and statistics, and 
 NaN, implausible values, broken images or duplicated topics. Each outcome must be a clean one-line
 error or a documented skip (or, where the damage hit bytes nobody reads, the same data): never
 another exception, a hang, or damaged data silently accepted."""
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
 
-def load_fuzz():
-    name = "benchmarks_fuzz"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[2] / "benchmarks" / "fuzz.py")
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
-fuzz = load_fuzz()
-
-
 @pytest.fixture(scope="module")
-def fixtures(expert_dataset, tmp_path_factory):
+def fixtures(fuzz, expert_dataset, tmp_path_factory):
     return fuzz.Fixtures(tmp_path_factory.mktemp("fuzz"), expert_dataset[0], families=("episode", "dataset"))
 
 
-def campaign(fixtures, family: str, count: int):
+def campaign(fuzz, fixtures, family: str, count: int):
     counts, bad = fuzz.campaign(fixtures, count, 0, [family], lambda case, work: fuzz.run_in_process(case, work, 20))
     assert not bad, "\n".join(map(str, bad[:10]))
     return {(kind, outcome): n for (_, kind, outcome), n in counts.items()}
 
 
-def test_damaged_episodes_are_clean_errors(fixtures):
-    counts = campaign(fixtures, "episode", 250)
+def test_damaged_episodes_are_clean_errors(fuzz, fixtures):
+    counts = campaign(fuzz, fixtures, "episode", 250)
     assert counts.get(("mcap_bytes", "same"), 0) == 0  # the CRCs cover every byte of the MCAP file
     assert counts[("mcap_bytes", "error")] > 100 and counts[("yaml_edit", "error")] > 20
     assert counts[("content", "error")] > 10 and counts[("content", "valid")] > 0  # and legal bags read
 
 
-def test_damaged_datasets_are_clean_errors_or_skips(fixtures):
-    counts = campaign(fixtures, "dataset", 100)
+def test_damaged_datasets_are_clean_errors_or_skips(fuzz, fixtures):
+    counts = campaign(fuzz, fixtures, "dataset", 100)
     assert counts[("manifest_edit", "error")] > 5 and counts[("episode", "skip")] > 2
     assert counts[("cache", "same")] > 10  # a damaged cache is rebuilt: the same samples

@@ -4,31 +4,15 @@ overwritten and truncated bytes in every checkpoint file, and malformed observat
 `runtime.predict` on torch and onnxruntime. A checkpoint loads with the same actions or fails with
 a one-line CheckpointError; predict returns finite actions inside the limits or raises a one-line
 ValueError: never another exception, a hang, or damage silently accepted."""
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
 
-def load_fuzz():
-    name = "benchmarks_fuzz"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[2] / "benchmarks" / "fuzz.py")
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
-fuzz = load_fuzz()
-
-
 @pytest.fixture(scope="module")
-def fixtures(tmp_path_factory):
+def fixtures(fuzz, tmp_path_factory):
     return fuzz.Fixtures(tmp_path_factory.mktemp("fuzz"), families=("checkpoint", "runtime"))
 
 
-def campaign(fixtures, family: str, count: int, accepted=()):
+def campaign(fuzz, fixtures, family: str, count: int, accepted=()):
     """Runs the cases; `accepted`: (family, kind, outcome) that are known limitations, not failures."""
     counts, bad = fuzz.campaign(fixtures, count, 0, [family], lambda case, work: fuzz.run_in_process(case, work, 60))
     bad = [b for b in bad if (b[0], b[1], b[3]) not in accepted]
@@ -36,15 +20,15 @@ def campaign(fixtures, family: str, count: int, accepted=()):
     return {(family, kind, outcome): n for (family, kind, outcome), n in counts.items()}
 
 
-def test_damaged_checkpoints_fail_clearly_or_load_unchanged(fixtures):
-    # Without a checksum (checkpoints saved before it, like the shipped default) damaged weights can
+def test_damaged_checkpoints_fail_clearly_or_load_unchanged(fuzz, fixtures):
+    # Without a checksum (checkpoints saved before there was one) damaged weights can
     # load if they stay finite: the actions are still inside the limits.
-    counts = campaign(fixtures, "checkpoint", 60, accepted={("checkpoint-legacy", "model_bytes", "silent")})
+    counts = campaign(fuzz, fixtures, "checkpoint", 60, accepted={("checkpoint-legacy", "model_bytes", "silent")})
     assert counts.get(("checkpoint", "model_bytes", "same"), 0) == 0  # the weights' sha256 catches every byte
     assert counts[("checkpoint", "model_bytes", "error")] > 3 and counts[("checkpoint", "config_edit", "error")] > 5
 
 
-def test_malformed_observations_are_clear_errors_or_valid_actions(fixtures):
-    counts = campaign(fixtures, "runtime", 200)
+def test_malformed_observations_are_clear_errors_or_valid_actions(fuzz, fixtures):
+    counts = campaign(fuzz, fixtures, "runtime", 200)
     for backend in ("torch", "onnx"):
         assert counts[("runtime", backend, "error")] > 20 and counts[("runtime", backend, "valid")] > 5

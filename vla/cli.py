@@ -16,6 +16,7 @@ COMMANDS = {
     "dataset": ("vla.apps.dataset", "info | stats | video | plot of a recorded dataset"),
     "replay": ("vla.apps.replay", "re-execute a recorded episode in sim and report divergence"),
     "train": ("vla.apps.train", "train a VLA policy from a YAML recipe"),
+    "curve": ("vla.apps.curve", "redraw a training run's learning curve (success per task against the step)"),
     "eval": ("vla.apps.evaluate", "closed-loop evaluation of a checkpoint on held-out seeds"),
     "export": ("vla.apps.export", "export a checkpoint to ONNX and validate it"),
 }

@@ -201,7 +201,11 @@ def test_vla_train_records_the_dataset_then_trains_and_evaluates(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("success_reach" in r for r in records) and any("samples_per_s" in r for r in records)
     assert (tmp_path / "run" / "tb").is_dir() and (tmp_path / "run" / "config.yaml").is_file()
-    assert (tmp_path / "run" / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
+    curve = tmp_path / "run" / "learning_curve.png"
+    assert curve.read_bytes()[:4] == b"\x89PNG"
+    curve.unlink()
+    assert vla_main(["curve", str(tmp_path / "run")]) == 0 and curve.read_bytes()[:4] == b"\x89PNG"
+    assert vla_main(["curve", str(tmp_path)]) == 2  # no metrics.jsonl: one line, no traceback
     _, processor = load_checkpoint(tmp_path / "run" / "final")
     assert processor.stats["state"]["std"] != [0.0] * 15  # statistics come from the recorded data
     assert vla_main(["train", "--config", str(path), "--no-progress", "--override", "optim.batch_size=0"]) == 2

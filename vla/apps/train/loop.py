@@ -28,8 +28,8 @@ from tqdm import tqdm
 from policies.vla_policy import VLAPolicy
 from sim import SimConfig, language
 from vla.apps import JobError
+from vla.apps.curve import draw as draw_learning_curve
 from vla.apps.rollout import TRAINING_EVAL_SEED_OFFSET, by_task, run_episodes, success_rate
-from vla.apps.train.curve import draw as draw_learning_curve
 from vla.apps.train.data import BatchSchedule, collate, ensure_dataset, open_dataset
 from vla.apps.train.recipe import FinetuneConfig, OptimConfig, TrainConfig
 from vla.apps.train.state import latest_checkpoint, load_training_state, save_training_state, step_checkpoints

@@ -1,10 +1,10 @@
-"""The learning curve of a training run: closed-loop success per task against the training step,
-from its metrics.jsonl (written by the loop at every evaluation; `python -m vla.apps.train.curve
-RUN_DIR` redraws it)."""
+"""`vla curve RUN_DIR ...`: the learning curve of a training run, closed-loop success per task
+against the training step, from its metrics.jsonl (the training loop draws it at every evaluation;
+this redraws it)."""
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -49,6 +49,13 @@ def draw(run_dir: str | Path) -> Path | None:
     return run_dir / FILE
 
 
-if __name__ == "__main__":
-    for path in sys.argv[1:] or ["."]:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a training run's out_dir")
+
+
+def run(args) -> int:
+    for path in args.run_dirs:
+        if not (Path(path) / "metrics.jsonl").is_file():
+            raise FileNotFoundError(f"{path}: no metrics.jsonl (not a training run's out_dir)")
         print(draw(path) or f"{path}: no evaluation in metrics.jsonl yet")
+    return 0

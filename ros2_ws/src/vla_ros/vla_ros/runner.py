@@ -9,10 +9,10 @@ the loop checks the note between callbacks, and signals during the cleanup are i
 from __future__ import annotations
 
 import atexit
+import faulthandler
 import os
 import signal
 import sys
-import threading
 from typing import NoReturn
 
 import rclpy
@@ -24,7 +24,7 @@ from rclpy.signals import SignalHandlerOptions
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 POLL_S = 0.05  # a bounded wait, so that a signal is seen in an idle node
 ACK_TIMEOUT_S = 0.5  # for the readers of the final commands to acknowledge them
-STOP_DEADLINE_S = 1.8  # a cleanup that takes longer is cut short (exit code 1)
+STOP_DEADLINE_S = 1.8  # a cleanup that takes longer is cut short (exit code 1, with the stacks where it hung)
 
 
 class StopRequest:
@@ -44,6 +44,7 @@ class StopRequest:
 def run(name: str, make_node, make_executor=SingleThreadedExecutor) -> NoReturn:
     """`make_node()` builds the node (ValueError, OSError or a parameter of the wrong type: exit code 2); the
     node's `close()` runs at a signal, before its reliable publishers are flushed and ROS shuts down."""
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints every thread's stack: where a node is stuck
     stop = StopRequest()
     stop.install()  # a signal while the node starts (a model loads) stops it once it is up
     # rclpy's own handlers would shut the context down under a running callback.
@@ -60,9 +61,10 @@ def run(name: str, make_node, make_executor=SingleThreadedExecutor) -> NoReturn:
     while stop.signum is None:
         executor.spin_once(timeout_sec=POLL_S)  # an exception here is a bug: a traceback, exit 1
     ignore_signals()
-    deadline = threading.Timer(STOP_DEADLINE_S, overrun, args=(name,))
-    deadline.daemon = True
-    deadline.start()
+    # The deadline runs in faulthandler's C thread: it fires even if the cleanup hangs inside C code
+    # that holds the GIL (a Python timer thread would wait for it forever), and prints where it hung.
+    sys.stderr.flush()  # faulthandler writes to the file descriptor, past Python's buffer
+    faulthandler.dump_traceback_later(STOP_DEADLINE_S, exit=True)
     node.close()
     flush(node)
     executor.shutdown(timeout_sec=0.5)
@@ -85,12 +87,6 @@ def flush(node) -> None:
     left = Duration(nanoseconds=round(ACK_TIMEOUT_S * 1e9))
     if not all(publisher.wait_for_all_acked(left) for publisher in node.publishers):
         node.get_logger().warning("some readers did not acknowledge the last messages")
-
-
-def overrun(name: str) -> None:
-    sys.stderr.write(f"[{name}] shutdown took over {STOP_DEADLINE_S} s: exiting\n")
-    sys.stderr.flush()
-    os._exit(1)
 
 
 def exit_now(code: int) -> NoReturn:

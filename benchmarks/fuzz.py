@@ -58,7 +58,7 @@ from vla.data.index import CorruptEpisodeWarning, EpisodeIndex
 from vla.data.reader import EpisodeError, read_episode
 from vla.data.writer import EpisodeWriter, _latched_qos
 from vla.model import ModelConfig, create
-from vla.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from vla.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, untrained_stats
 from vla.runtime import load_runtime, torch_runtime
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,8 +72,6 @@ BAD_VALUES = [1_000_000, 10**30, -1, 0, 1e308, float("nan"), float("inf"), "12",
 TINY = dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, vision_width=16, max_text_tokens=8,
             chunk=2, text_vocab_size=300)
 CORPUS = ["touch the red cube", "reach the blue ball", "pick up the green cube", "push the red cube to the left"]
-STATS = {"action": {"q01": ACTION_LOW.tolist(), "q99": ACTION_HIGH.tolist()},
-         "state": {"mean": [0.0] * 15, "std": [1.0] * 15}, "imu": {"mean": [0.0] * 6, "std": [1.0] * 6}}
 
 
 class Hang(BaseException):
@@ -529,7 +527,7 @@ class Fixtures:
     @staticmethod
     def _checkpoint(path: Path) -> Path:
         torch.manual_seed(0)
-        model, processor = create(ModelConfig(**TINY), STATS, CORPUS)
+        model, processor = create(ModelConfig(**TINY), untrained_stats(), CORPUS)
         return save_checkpoint(path, model.eval(), processor)
 
     @staticmethod

@@ -35,7 +35,7 @@ from sim import language
 from vla.apps.train.recipe import load_config
 from vla.config import from_dict
 from vla.model import ModelConfig, VLAModel, create
-from vla.model.checkpoint import read_meta, save_checkpoint
+from vla.model.checkpoint import read_meta, save_checkpoint, untrained_stats
 from vla.model.random_backbones import save_random_vlm
 from vla.runtime import Runtime, load_runtime
 from vla.runtime.export import export_onnx
@@ -43,8 +43,6 @@ from vla.runtime.export import export_onnx
 BIG_BACKBONE = dict(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=5504)
 VLMS = {"smolvlm-250m": "250m", "smolvlm-500m": "500m"}
 VLM_RECIPE = Path(__file__).parents[1] / "policies" / "configs" / "smolvlm-gpu.yaml"
-FAKE_STATS = {"action": {"q01": [-0.05] * 6 + [0.0], "q99": [0.05] * 6 + [1.0]},
-              "state": {"mean": [0.0] * 15, "std": [1.0] * 15}, "imu": {"mean": [0.0] * 6, "std": [1.0] * 6}}
 
 
 class OnlyActions(LogitsProcessor):
@@ -118,7 +116,7 @@ def time_runtime(runtime: Runtime, batch: int, iters: int, device: str) -> dict:
 
 def make_checkpoint(directory: Path, config: ModelConfig) -> Path:
     """A random-weight model of `config` with both decoders."""
-    model, processor = create(dataclasses.replace(config, decoders=("parallel", "autoregressive")), FAKE_STATS,
+    model, processor = create(dataclasses.replace(config, decoders=("parallel", "autoregressive")), untrained_stats(),
                               language.corpus())
     return save_checkpoint(directory, model, processor)
 

@@ -29,12 +29,8 @@ from vla.apps.train.recipe import TrainConfig, load_config
 from vla.contracts.action import ACTION_DIM, ACTION_HIGH, ACTION_LOW
 from vla.contracts.observation import IMU_CHANNELS, STATE_DIM
 from vla.model import create
+from vla.model.checkpoint import untrained_stats
 
-STATS = {
-    "action": {"q01": ACTION_LOW.tolist(), "q99": ACTION_HIGH.tolist()},
-    "state": {"mean": [0.0] * STATE_DIM, "std": [1.0] * STATE_DIM},
-    "imu": {"mean": [0.0] * IMU_CHANNELS, "std": [1.0] * IMU_CHANNELS},
-}
 BASELINE = ["model.token_merge=1", "model.max_text_tokens=8"]
 
 
@@ -67,7 +63,7 @@ def matmul_peak(n: int = 1024, reps: int = 20) -> float:
 
 def measure(config: TrainConfig, steps: int, warmup: int) -> dict:
     torch.manual_seed(0)
-    model, processor = create(config.model, STATS, language.corpus())
+    model, processor = create(config.model, untrained_stats(), language.corpus())
     model.train()
     optimizer = make_optimizer(model, config.optim, torch.device("cpu"))
     size = config.optim.batch_size

@@ -12,16 +12,13 @@ import torch
 
 from vla.contracts.action import ACTION_HIGH, ACTION_LOW
 from vla.model import ModelConfig, create
+from vla.model.checkpoint import untrained_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 # Tests spawn worker processes and nodes; one BLAS thread each keeps 2 cores from oversubscribing.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-STATS = {
-    "action": {"q01": ACTION_LOW.tolist(), "q99": ACTION_HIGH.tolist()},
-    "state": {"mean": [0.0] * 15, "std": [1.0] * 15},
-    "imu": {"mean": [0.0] * 6, "std": [1.0] * 6},
-}
+STATS = untrained_stats()
 TINY = dict(
     hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, vision_width=32, max_text_tokens=8, chunk=2
 )

@@ -31,7 +31,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer
 import vla
 from vla.config import ConfigError, from_dict, to_dict
 from vla.contracts.action import ACTION_DIM, ACTION_HIGH, ACTION_LOW
-from vla.contracts.observation import IMU_CHANNELS, IMU_LIMITS, STATE_LIMIT
+from vla.contracts.observation import IMU_CHANNELS, IMU_LIMITS, STATE_DIM, STATE_LIMIT
 from vla.files import atomic_directory
 from vla.model.config import ModelConfig
 from vla.model.model import VLAModel, build_lm, lm_from_config, load_backbone
@@ -52,6 +52,14 @@ class CheckpointError(ValueError):
 def versions() -> dict[str, str]:
     return {"vla": vla.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "safetensors": safetensors.__version__}
+
+
+def untrained_stats() -> dict:
+    """Statistics for a model that has seen no data (tests, benchmarks of random weights): the action
+    limits as its 1 %/99 % quantiles, state and IMU as standard normal."""
+    return {"action": {"q01": ACTION_LOW.tolist(), "q99": ACTION_HIGH.tolist()},
+            "state": {"mean": [0.0] * STATE_DIM, "std": [1.0] * STATE_DIM},
+            "imu": {"mean": [0.0] * IMU_CHANNELS, "std": [1.0] * IMU_CHANNELS}}
 
 
 def create(config: ModelConfig, stats: dict, corpus: list[str], instructions=()) -> tuple[VLAModel, Processor]:

@@ -15,7 +15,7 @@ from vla.apps.train.recipe import TrainConfig
 from vla.data.index import EpisodeIndex
 from vla.model.processor import Processor
 
-LETTERS = string.ascii_lowercase
+LETTERS = list(string.ascii_lowercase)
 
 
 def ensure_dataset(config: TrainConfig) -> Path:
@@ -92,6 +92,6 @@ def noisy_instruction(text: str, rng: np.random.Generator) -> str:
     tokens: the longest training phrasing, 17 tokens, still fits 32)."""
     words = text.split()
     for _ in range(rng.integers(1, 3)):
-        word = "".join(rng.choice(list(LETTERS), rng.integers(2, 7)))
+        word = "".join(rng.choice(LETTERS, rng.integers(2, 7)))
         words.insert(rng.integers(len(words) + 1), word)
     return " ".join(words)

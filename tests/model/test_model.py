@@ -29,6 +29,8 @@ def test_model_config_validation():
         ModelConfig(token_merge=4)  # 96 / 16 = 6 patches a side
     with pytest.raises(ValueError, match="token_merge needs vision: cnn"):
         ModelConfig(vision="vit", vision_film=False, token_merge=2)
+    with pytest.raises(ValueError, match="film_text"):
+        ModelConfig(film_text="lstm")
 
 
 def test_tiny_model_overfits_with_both_decoders(tiny_model, training_batch):
@@ -95,6 +97,24 @@ def test_instruction_changes_the_prediction_through_film(tiny_model, observation
     inputs["image"] = inputs["image"][:1].expand(2, -1, -1, -1)
     features = model.image_encoder(inputs["image"], model.lm.get_input_embeddings()(inputs["text_ids"]).mean(1))
     assert not torch.allclose(features[0], features[1])
+
+
+@pytest.mark.parametrize("film_text", ["mean", "conv"])
+def test_film_condition_sees_word_order_only_when_convolved(tiny_model, observations, film_text):
+    """The mean embedding cannot tell which colour names the cube and which the bin; a convolution
+    over the embeddings can."""
+    model, processor = tiny_model(film_text=film_text)
+    with torch.no_grad():
+        for film in model.image_encoder.convs.films:
+            film.weight.normal_(0, 0.5)
+    obs = observations(1)[0]
+    texts = ("put the red cube in the blue bin", "put the blue cube in the red bin")
+    inputs = processor.inputs([{**obs, "instruction": text} for text in texts])
+    with torch.no_grad():
+        embeds = model.embed_prefix(**inputs)[0]
+    image = inputs["text_ids"][0] == model.ids.placeholders["image"]  # the image tokens, FiLM-conditioned
+    assert image.sum() == model.config.image_tokens
+    assert torch.allclose(embeds[0, image], embeds[1, image], atol=1e-6) == (film_text == "mean")
 
 
 def test_sensors_follow_the_prompt(tiny_model, training_batch):

@@ -65,6 +65,14 @@ def test_onnx_matches_torch_bins_on_cpu(exported, observations):
         assert torch_rt.predict(obs).shape == (batch, 2, 7)
 
 
+def test_onnx_export_of_a_convolved_film_condition(tmp_path, stats, observations):
+    torch.manual_seed(0)
+    model, processor = create(ModelConfig(**{**TINY, "film_text": "conv"}), stats, CORPUS)
+    checkpoint = save_checkpoint(tmp_path / "model", model, processor)
+    report = export_onnx(*loaded(checkpoint), checkpoint, checkpoint / "model.onnx", observations(4, seed=1))
+    assert report["bins_disagreeing"] == 0 and report["logits_outside_tolerance"] == 0
+
+
 def test_onnx_from_another_checkpoint_is_refused(exported, tmp_path, stats):
     checkpoint, _ = exported
     other = make_checkpoint(tmp_path / "other", stats, seed=1)

@@ -8,6 +8,7 @@ from vla.contracts.action import ACTION_DIM
 from vla.contracts.observation import IMAGE_SIZE, IMU_WINDOW, STATE_DIM, ObservationSpec
 
 DECODERS = ("parallel", "autoregressive")
+FILM_TEXT = ("mean", "conv")
 FROM_SCRATCH_VISION = ("cnn", "vit", "keypoints")
 VISION_ENCODERS = (*FROM_SCRATCH_VISION, "pretrained", "vlm")
 # Upper bounds catch a damaged or mistyped config before it asks for terabytes.
@@ -50,6 +51,10 @@ class ModelConfig:
     # patch merger): m^2 times fewer image tokens for the LM, which is most of the compute.
     token_merge: int = 1
     vision_film: bool = True  # condition the convolutions on the instruction (FiLM, RT-1)
+    # The FiLM condition: "mean", the mean text embedding (a bag of words: "red cube in the blue bin"
+    # = "blue cube in the red bin"); "conv", the mean of a width-3 convolution over the text
+    # embeddings (a bag of word triples: "red cube" and "blue bin" stay apart).
+    film_text: str = "mean"
     # ---- language model ----
     # Built from a transformers config of this model type and trained from scratch, unless
     # `pretrained` names a local directory holding a causal LM or, with vision: vlm, a VLM
@@ -92,6 +97,8 @@ class ModelConfig:
                              f"got {self.token_merge!r}")
         if self.token_merge > 1 and self.vision != "cnn":
             raise ValueError("ModelConfig.token_merge needs vision: cnn")
+        if self.film_text not in FILM_TEXT:
+            raise ValueError(f"ModelConfig.film_text must be one of {FILM_TEXT}, got {self.film_text!r}")
         if self.vision_film and self.vision not in ("cnn", "keypoints"):
             raise ValueError("ModelConfig.vision_film needs a convolutional encoder (vision: cnn or keypoints)")
         if not 2 <= self.action_bins <= 4096:

@@ -2,22 +2,22 @@
 
 The sequence, always the same length for a given config:
 
-    [prompt with sensor tokens at its placeholders] [padding] <act> [k * 7 action positions]
+    [prompt with sensor tokens at its placeholders] [padding] <act> [action positions]
      "<image>x36 <state> <imu> touch the red cube"
 
 Sensor tokens come from the encoders (encoders.py), text tokens from the LM's embedding table;
-a from-scratch image encoder is also FiLM-conditioned on the instruction's mean text embedding
-(RT-1), which is what made grounding "the red cube" in the image learnable from a few thousand
-demonstrations. The LM is a causal LM, or a whole pretrained VLM whose vision tower and connector
-are then the image encoder (vlm.py); the few ways its families differ (where positions start,
-Qwen's 3-D M-RoPE positions, PaliGemma's attention mask) are settled in __init__.
+a from-scratch image encoder is also FiLM-conditioned on the instruction (RT-1: its mean text
+embedding, or the mean of a convolution over its embeddings, film_text), which is what made
+grounding "the red cube" in the image learnable from a few thousand demonstrations. The LM is a
+causal LM, or a whole pretrained VLM whose vision tower and connector are then the image encoder
+(vlm.py); the few ways its families differ (where positions start, Qwen's 3-D M-RoPE positions,
+PaliGemma's attention mask) are settled in __init__.
 Padding sits between the prompt and <act> and is masked out; position ids skip it. Action bin b
 is the token id `action_offset + b`: reserved ids after the text vocabulary. The action positions
 are filled either with the previous action tokens (autoregressive decoder, teacher-forced in
-training, one token at a time with a KV cache at inference, as RT-2) or with k * 7 learned
-action-query embeddings (parallel decoder, one forward pass, as OpenVLA-OFT; the mask stays
-causal, which the LM supports natively). Logits are computed only over the action ids, which
-restricts decoding to actions.
+training, one token at a time with a KV cache at inference, as RT-2) or with learned action-query
+embeddings (parallel decoder, one forward pass, as OpenVLA-OFT; the mask stays causal, which the
+LM supports natively). Logits are computed only over the action ids, which restricts decoding to actions.
 
 The model is tensors in, tensors out: turning observations into these tensors and bins into
 actions is the processor's job (processor.py), saved with the checkpoint beside the weights.
@@ -125,6 +125,8 @@ class VLAModel(nn.Module):
             if "imu" in config.sensors
             else None
         )
+        film_conv = config.vision_film and config.film_text == "conv"
+        self.text_condition = nn.Conv1d(hidden, hidden, 3, padding=1) if film_conv else None
         if "parallel" in config.decoders:
             self.action_queries = nn.Parameter(torch.randn(config.action_tokens, hidden) * 0.02)
         # how the LM's family takes positions and masks (VLMs as they were pretrained)
@@ -165,9 +167,12 @@ class VLAModel(nn.Module):
         for token_id in self.ids.placeholders.values():
             is_sensor = is_sensor | (text_ids == token_id)
         film = ()
-        if self.config.vision_film:  # the instruction's summary: mean embedding of its text tokens
+        if self.config.vision_film:  # the instruction's summary: mean over its text tokens
             is_text = (text_mask & ~is_sensor & (text_ids != self.ids.action_start)).unsqueeze(-1).to(embeds.dtype)
-            film = ((embeds * is_text).sum(1) / is_text.sum(1).clamp(min=1.0),)
+            words = embeds * is_text
+            if self.text_condition is not None:  # [B, L, D] -> word triples [B, L, D]
+                words = F.gelu(self.text_condition(words.transpose(1, 2))).transpose(1, 2) * is_text
+            film = (words.sum(1) / is_text.sum(1).clamp(min=1.0),)
         encoders = {
             "image": lambda: self.image_encoder(image, *film),
             "wrist_image": lambda: (self.wrist_encoder or self.image_encoder)(wrist_image, *film),

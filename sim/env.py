@@ -112,7 +112,7 @@ class TabletopEnv(gym.Env):
         self._build_world(rng)
         if "instruction" in options:
             self.instruction = self._phrase(options["instruction"])
-        self.steps, self.touched = 0, None
+        self.steps, self.touched, self.stages = 0, None, set()
         self._settle()
         return self._observation(), self._info(False)
 
@@ -125,6 +125,7 @@ class TabletopEnv(gym.Env):
         ee = self.robot.ee_pose()[0]
         success = self.task.success(self.scene, ee, self.robot.body)
         self.touched = self.touched or self._first_touched(ee)
+        self.stages |= self.task.reached_stages(self.scene, ee, self.robot.body)
         truncated = self.steps >= self.max_steps and not success
         return self._observation(), float(success), success, truncated, self._info(success) | {"action": action}
 
@@ -233,4 +234,5 @@ class TabletopEnv(gym.Env):
             "steps": self.steps,
             "target": self.task.target.name,
             "touched": self.touched,
+            "stages": [stage for stage in self.task.stages if stage in self.stages],  # reached so far
         }

@@ -24,11 +24,15 @@ PUSH_DISTANCE = 0.12
 # The four directions of a push, as unit vectors in the base frame.
 PUSH_DIRECTIONS = {"left": (0.0, 1.0), "right": (0.0, -1.0), "forward": (1.0, 0.0), "back": (-1.0, 0.0)}
 PLACE_REGION = (np.array([0.34, -0.30]), np.array([0.72, 0.30]))
+LIFTED = 0.02  # metres off the table while held: the "lifted" stage
 
 
 class Task:
     name: str
     max_steps: int
+    # Milestones on the way to success, in order (diagnostics: where a policy fails). Each is judged
+    # every step by reached_stages; an episode's stages are those reached at any step.
+    stages: tuple[str, ...] = ()
 
     def __init__(self):
         self.target: SceneObject | None = None
@@ -43,6 +47,18 @@ class Task:
 
     def success(self, scene: Scene, ee_position: np.ndarray, gripper_body: int) -> bool:
         raise NotImplementedError
+
+    def reached_stages(self, scene: Scene, ee_position: np.ndarray, gripper_body: int) -> set[str]:
+        """The stages whose condition holds now: "touched" (grasp point at the target, or contact),
+        "lifted" (the target off the table in the gripper's hold), and the task's own."""
+        target = scene.position(self.target)
+        held = scene.in_contact(self.target.body, gripper_body)
+        now = set()
+        if held or np.linalg.norm(target - ee_position) < TOUCH_DISTANCE:
+            now.add("touched")
+        if held and target[2] > self.target.half_height + LIFTED:
+            now.add("lifted")
+        return now & set(self.stages)
 
 
 def _cubes(scene, rng, colours, shades, positions) -> list[SceneObject]:
@@ -78,6 +94,7 @@ class Reach(Task):
 
 class Pick(Task):
     name, max_steps = "pick", 60
+    stages = ("touched", "lifted")
     LIFT = 0.06
 
     def build(self, scene, rng, colours, shades):
@@ -91,6 +108,7 @@ class Pick(Task):
 class Push(Task):
     name, max_steps = "push", 80
     GOAL_TOLERANCE = 0.04
+    stages = ("halfway",)  # the hand pushes without holding: contact comes and goes within a step
 
     def build(self, scene, rng, colours, shades):
         while True:
@@ -124,9 +142,15 @@ class Push(Task):
     def success(self, scene, ee_position, gripper_body):
         return bool(np.linalg.norm(scene.position(self.target)[:2] - self.goal) < self.GOAL_TOLERANCE)
 
+    def reached_stages(self, scene, ee_position, gripper_body):
+        """"halfway": the target at most half the push distance from its goal."""
+        halfway = np.linalg.norm(scene.position(self.target)[:2] - self.goal) <= PUSH_DISTANCE / 2
+        return {"halfway"} if halfway else set()
+
 
 class Place(Task):
     name, max_steps = "place", 100
+    stages = ("touched", "lifted", "over bin")
 
     def build(self, scene, rng, colours, shades):
         positions = sample_positions(rng, 5, 0.13, *PLACE_REGION)
@@ -142,6 +166,14 @@ class Place(Task):
         cube, box = scene.position(self.target), scene.position(self.bin)
         inside = np.all(np.abs(cube[:2] - box[:2]) < BIN_INNER_HALF) and cube[2] < BIN_HEIGHT
         return bool(inside and not scene.in_contact(self.target.body, gripper_body))
+
+    def reached_stages(self, scene, ee_position, gripper_body):
+        """+ "over bin": the target carried (held) above the named bin's opening."""
+        now = super().reached_stages(scene, ee_position, gripper_body)
+        cube, box = scene.position(self.target), scene.position(self.bin)
+        if np.all(np.abs(cube[:2] - box[:2]) < BIN_INNER_HALF) and scene.in_contact(self.target.body, gripper_body):
+            now.add("over bin")
+        return now
 
 
 TASKS: dict[str, type[Task]] = {t.name: t for t in (Reach, Pick, Push, Place)}

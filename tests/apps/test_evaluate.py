@@ -103,3 +103,20 @@ def test_vla_eval_warns_about_words_the_model_was_not_trained_on(tmp_path, capsy
     assert vla_main(argv) == 0
     warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
     assert warnings and all("poke" in line for line in warnings)
+
+
+def test_vla_eval_reports_the_stages_a_policy_reached(tmp_path, capsys):
+    """Where a multi-stage task fails: the share of episodes that reached each stage, from the
+    episodes' own stages, printed and in the report (pick, with a policy trained on reach only)."""
+    checkpoint = CHECKPOINT_DIR / "default"
+    if not checkpoint.is_dir():
+        pytest.skip(f"no shipped checkpoint at {checkpoint}")
+    argv = ["eval", "--checkpoint", str(checkpoint), "--task", "pick", "--episodes", "2", "--device", "cpu",
+            "--video-episodes", "0", "--out", str(tmp_path)]
+    assert vla_main(argv) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    episodes = report["episodes"]
+    assert list(report["stages"]["pick"]) == ["touched", "lifted"]
+    for stage, share in report["stages"]["pick"].items():
+        assert share == pytest.approx(np.mean([stage in e["stages"] for e in episodes]))
+    assert "stages reached" in capsys.readouterr().out

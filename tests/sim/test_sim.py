@@ -64,7 +64,7 @@ def test_reset_without_seed_reports_a_replayable_seed():
 
 
 @pytest.mark.parametrize("task", list(TASKS))
-def test_expert_solves_task(task):
+def test_expert_solves_task_through_every_stage(task):
     env = make_env(task)
     expert = load_policy("expert", env)
     successes = 0
@@ -76,7 +76,18 @@ def test_expert_solves_task(task):
             if terminated or truncated:
                 break
         successes += info["success"]
+        if info["success"]:
+            assert info["stages"] == list(TASKS[task].stages)
     assert successes >= 3
+
+
+@pytest.mark.parametrize("task", ["pick", "place"])
+def test_a_robot_that_stays_put_reaches_no_stage(task):
+    env = make_env(task)
+    env.reset(seed=1000)
+    for _ in range(5):
+        _, _, _, _, info = env.step(np.zeros(7, dtype=np.float32))
+    assert info["stages"] == [] and not info["success"]
 
 
 def test_imu_reads_gravity_at_rest_and_acceleration_when_moving():

@@ -6,8 +6,10 @@ seed), `--instruction "grab the {colour} {shape}"` with other words than the tas
 seeds run with the training phrasings too, and both are reported side by side.
 
 Prints success and language grounding per task (grounding: the first object the gripper reaches
-is the instructed one, among distractors of other colours), writes rollout videos and a JSON
-report with per-episode results, the runtime that ran and its mean latency per control step.
+is the instructed one, among distractors of other colours) and the share of episodes that reached
+each stage of a multi-stage task (place: touched, lifted, over bin; sim.tasks: where a policy
+fails); writes rollout videos and a JSON report with per-episode results, the runtime that ran
+and its mean latency per control step.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from rich.table import Table
 from tqdm import tqdm
 
 from policies.vla_policy import VLAPolicy
-from sim import SimConfig
+from sim import TASKS, SimConfig
 from vla.apps.rollout import (
     EVAL_SEED_OFFSET,
     add_episode_arguments,
@@ -32,6 +34,7 @@ from vla.apps.rollout import (
     grounding_rate,
     parse_tasks,
     run_episodes,
+    stage_table,
     success_rate,
     success_table,
 )
@@ -92,6 +95,9 @@ def run(args) -> int:
                                          instruction=args.instruction)
         Console().print(success_table(results[phrasing], f"{args.checkpoint} ({policy.policy.runtime.name}), "
                                                          f"{phrasing} phrasings"))
+        stages = stage_table(results[phrasing], f"stages reached, {phrasing} phrasings")
+        if stages is not None:
+            Console().print(stages)
     if len(results) > 1:
         Console().print(phrasing_table(results))
     chosen = results[args.phrasings]
@@ -101,6 +107,8 @@ def run(args) -> int:
         "settings": settings, "instruction": args.instruction, "threads": args.threads,
         "success": {task: success_rate(rows) for task, rows in by_task(chosen).items()},
         "grounding": {task: grounding_rate(rows) for task, rows in by_task(chosen).items()},
+        "stages": {task: {stage: float(np.mean([stage in r.stages for r in rows])) for stage in TASKS[task].stages}
+                   for task, rows in by_task(chosen).items()},
         "phrasings": {phrasing: {"success": {t: success_rate(r) for t, r in by_task(rows).items()},
                                  "grounding": {t: grounding_rate(r) for t, r in by_task(rows).items()}}
                       for phrasing, rows in results.items()},

@@ -45,6 +45,7 @@ class EpisodeResult:
     instruction: str
     target: str  # the object the instruction names
     touched: str | None  # the object the gripper reached first (None: none)
+    stages: list[str] = dataclasses.field(default_factory=list)  # the task's stages reached (sim.tasks)
 
 
 def run_episode(env, policy, seed: int, frames: list | None = None, instruction: str | None = None) -> EpisodeResult:
@@ -65,7 +66,8 @@ def run_episode(env, policy, seed: int, frames: list | None = None, instruction:
         colour = (80, 255, 80) if success else (255, 80, 80)
         last = annotate(env.render(), [obs["instruction"], "SUCCESS" if success else "FAILED"], colour)
         frames.extend([last] * 5)
-    return EpisodeResult(env.task.name, seed, success, steps, obs["instruction"], info["target"], info["touched"])
+    return EpisodeResult(env.task.name, seed, success, steps, obs["instruction"], info["target"], info["touched"],
+                         info["stages"])
 
 
 def run_episodes(
@@ -148,6 +150,21 @@ def success_table(results: list[EpisodeResult], title: str = "success") -> Table
             style="bold" if task == "all" else None,
         )
     table.caption = "grounding: episodes in which the first object the gripper reached is the instructed one"
+    return table
+
+
+def stage_table(results: list[EpisodeResult], title: str = "stages reached") -> Table | None:
+    """Per task, the share of episodes that reached each of its stages, then success: where the
+    policy fails (pick: touched, lifted; place: touched, lifted, over bin). None: no task has stages."""
+    staged = {task: rows for task, rows in by_task(results).items() if TASKS[task].stages}
+    if not staged:
+        return None
+    table = Table(title=title)
+    table.add_column("task")
+    table.add_column("stages reached, then success (share of episodes)")
+    for task, rows in staged.items():
+        shares = [f"{stage} {100 * np.mean([stage in r.stages for r in rows]):.0f} %" for stage in TASKS[task].stages]
+        table.add_row(task, " -> ".join([*shares, f"success {100 * success_rate(rows):.0f} %"]))
     return table
 
 

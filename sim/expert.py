@@ -27,7 +27,7 @@ class ScriptedExpert:
     Stateless: the action is a function of the simulator's current state alone (poses, contacts,
     gripper width), never of a phase remembered from earlier steps. So it labels any state a policy
     visits (DAgger, noise injection), recovers by itself from a dropped cube or an empty grasp, and
-    its demonstrations show a memoryless policy nothing it cannot tell from what it observes."""
+    its demonstrations show a memoryless policy no action that depends on earlier steps."""
 
     def __init__(self, env):
         self.env = env.unwrapped

@@ -2,7 +2,7 @@
 
 The sequence, always the same length for a given config:
 
-    [prompt with sensor tokens at its placeholders] [padding] <act> [action positions]
+    [prompt with sensor tokens at its placeholders] [padding] <act> [k * 7 action positions]
      "<image>x36 <state> <imu> touch the red cube"
 
 Sensor tokens come from the encoders (encoders.py), text tokens from the LM's embedding table;
@@ -15,9 +15,10 @@ PaliGemma's attention mask) are settled in __init__.
 Padding sits between the prompt and <act> and is masked out; position ids skip it. Action bin b
 is the token id `action_offset + b`: reserved ids after the text vocabulary. The action positions
 are filled either with the previous action tokens (autoregressive decoder, teacher-forced in
-training, one token at a time with a KV cache at inference, as RT-2) or with learned action-query
-embeddings (parallel decoder, one forward pass, as OpenVLA-OFT; the mask stays causal, which the
-LM supports natively). Logits are computed only over the action ids, which restricts decoding to actions.
+training, one token at a time with a KV cache at inference, as RT-2) or with k * 7 learned
+action-query embeddings (parallel decoder, one forward pass, as OpenVLA-OFT; the mask stays
+causal, which the LM supports natively). Logits are computed only over the action ids, which
+restricts decoding to actions.
 
 The model is tensors in, tensors out: turning observations into these tensors and bins into
 actions is the processor's job (processor.py), saved with the checkpoint beside the weights.

@@ -49,16 +49,21 @@ class Task:
         raise NotImplementedError
 
     def reached_stages(self, scene: Scene, ee_position: np.ndarray, gripper_body: int) -> set[str]:
-        """The stages whose condition holds now: "touched" (grasp point at the target, or contact),
-        "lifted" (the target off the table in the gripper's hold), and the task's own."""
+        """The stages whose condition holds now (none for a task without stages: no queries)."""
+        if not self.stages:
+            return set()
         target = scene.position(self.target)
-        held = scene.in_contact(self.target.body, gripper_body)
+        return self._holding_stages(scene, target, scene.in_contact(self.target.body, gripper_body), ee_position)
+
+    def _holding_stages(self, scene: Scene, target: np.ndarray, held: bool, ee_position: np.ndarray) -> set[str]:
+        """"touched" (grasp point at the target, or contact) and "lifted" (the target off the table
+        in the gripper's hold), given the target's position and whether the gripper touches it."""
         now = set()
         if held or np.linalg.norm(target - ee_position) < TOUCH_DISTANCE:
             now.add("touched")
         if held and target[2] > self.target.half_height + LIFTED:
             now.add("lifted")
-        return now & set(self.stages)
+        return now
 
 
 def _cubes(scene, rng, colours, shades, positions) -> list[SceneObject]:
@@ -167,11 +172,10 @@ class Place(Task):
         inside = np.all(np.abs(cube[:2] - box[:2]) < BIN_INNER_HALF) and cube[2] < BIN_HEIGHT
         return bool(inside and not scene.in_contact(self.target.body, gripper_body))
 
-    def reached_stages(self, scene, ee_position, gripper_body):
+    def _holding_stages(self, scene, target, held, ee_position):
         """+ "over bin": the target carried (held) above the named bin's opening."""
-        now = super().reached_stages(scene, ee_position, gripper_body)
-        cube, box = scene.position(self.target), scene.position(self.bin)
-        if np.all(np.abs(cube[:2] - box[:2]) < BIN_INNER_HALF) and scene.in_contact(self.target.body, gripper_body):
+        now = super()._holding_stages(scene, target, held, ee_position)
+        if held and np.all(np.abs(target[:2] - scene.position(self.bin)[:2]) < BIN_INNER_HALF):
             now.add("over bin")
         return now
 

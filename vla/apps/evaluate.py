@@ -34,6 +34,7 @@ from vla.apps.rollout import (
     grounding_rate,
     parse_tasks,
     run_episodes,
+    stage_rate,
     stage_table,
     success_rate,
     success_table,
@@ -107,7 +108,7 @@ def run(args) -> int:
         "settings": settings, "instruction": args.instruction, "threads": args.threads,
         "success": {task: success_rate(rows) for task, rows in by_task(chosen).items()},
         "grounding": {task: grounding_rate(rows) for task, rows in by_task(chosen).items()},
-        "stages": {task: {stage: float(np.mean([stage in r.stages for r in rows])) for stage in TASKS[task].stages}
+        "stages": {task: {stage: stage_rate(rows, stage) for stage in TASKS[task].stages}
                    for task, rows in by_task(chosen).items()},
         "phrasings": {phrasing: {"success": {t: success_rate(r) for t, r in by_task(rows).items()},
                                  "grounding": {t: grounding_rate(r) for t, r in by_task(rows).items()}}

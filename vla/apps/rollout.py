@@ -163,7 +163,7 @@ def stage_table(results: list[EpisodeResult], title: str = "stages reached") -> 
     table.add_column("task")
     table.add_column("stages reached, then success (share of episodes)")
     for task, rows in staged.items():
-        shares = [f"{stage} {100 * np.mean([stage in r.stages for r in rows]):.0f} %" for stage in TASKS[task].stages]
+        shares = [f"{stage} {100 * stage_rate(rows, stage):.0f} %" for stage in TASKS[task].stages]
         table.add_row(task, " -> ".join([*shares, f"success {100 * success_rate(rows):.0f} %"]))
     return table
 
@@ -179,6 +179,10 @@ def success_rate(results: list[EpisodeResult]) -> float:
 
 def grounding_rate(results: list[EpisodeResult]) -> float:
     return float(np.mean([r.touched == r.target for r in results]))
+
+
+def stage_rate(results: list[EpisodeResult], stage: str) -> float:
+    return float(np.mean([stage in r.stages for r in results]))
 
 
 def parse_tasks(spec: str) -> list[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ import torch
 import torch.multiprocessing as mp
 import yaml
 
-from vla.apps.train.data import noisy_instruction, random_shift
+from vla.apps.train.data import BatchSchedule, noisy_instruction, random_shift
 from vla.apps.train.loop import TrainingError, train
 from vla.apps.train.recipe import TrainConfig, load_config
 from vla.cli import main as vla_main
@@ -43,6 +44,7 @@ class FakeIndex:
         self.per_sample = [["touch the red cube", "reach the blue ball", "move to the green cylinder"][i % 3]
                            for i in range(n)]
         self.instructions = sorted(set(self.per_sample))
+        self.sample_tasks = np.array(["place", "place", "reach"] * n)[:n]
         self.stats = {
             "action": {"q01": ACTION_LOW.tolist(), "q99": ACTION_HIGH.tolist()},
             "state": {"mean": [0.0] * 15, "std": [1.0] * 15},
@@ -129,13 +131,15 @@ def test_overrides_and_config_errors(tmp_path):
 
 
 # ---- training and resuming ----------------------------------------------------------------------
-def test_resume_continues_exactly(tmp_path):
-    straight = recipe(tmp_path / "a")
+@pytest.mark.parametrize("task_balance", [False, True])
+def test_resume_continues_exactly(tmp_path, task_balance):
+    data = {"data": {"task_balance": task_balance}}
+    straight = recipe(tmp_path / "a", **data)
     model = train(straight, index=FakeIndex(), progress=False)
     expected = losses(tmp_path / "a" / "run")
     assert sorted(expected) == [1, 2, 3, 4, 5, 6]
 
-    interrupted = recipe(tmp_path / "b")
+    interrupted = recipe(tmp_path / "b", **data)
     with pytest.raises(RuntimeError, match="simulated crash"):  # call 5 is step 5
         train(interrupted, index=FakeIndex(crash_on_call=5), progress=False)
     resumed = train(interrupted, index=FakeIndex(), resume="latest", progress=False)
@@ -219,6 +223,20 @@ def test_training_on_cuda_with_bf16_autocast(tmp_path):
     )
     assert next(model.parameters()).is_cuda and next(model.parameters()).dtype == torch.float32
     assert all(np.isfinite(v) for v in losses(tmp_path / "run").values())
+
+
+def test_task_balanced_batches_hold_every_task_equally():
+    tasks = np.array(["reach"] * 10 + ["place"] * 90)
+    schedule = BatchSchedule(len(tasks), 64, seed=0, rank=0, world=1, groups=tasks)
+    batches = [schedule.indices(step) for step in range(50)]
+    for batch in batches:
+        assert sorted(Counter(tasks[batch]).values()) == [32, 32]
+    drawn = {i for batch in batches for i in batch}
+    assert set(range(10)) <= drawn and len(drawn - set(range(10))) > 80  # every reach sample, most place ones
+    # any step's batch is known without replaying the earlier ones (resuming), and ranks differ
+    assert BatchSchedule(len(tasks), 64, 0, 0, 1, tasks).indices(7) == batches[7]
+    ranks = [BatchSchedule(len(tasks), 64, 0, rank, 2, tasks).indices(7) for rank in (0, 1)]
+    assert ranks[0] != ranks[1]
 
 
 def test_random_shift_moves_images_reproducibly():

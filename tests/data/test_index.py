@@ -39,6 +39,7 @@ def test_index_samples_match_the_simulator(expert_dataset):
         for key in ("image", "state", "imu", "actions", "action_mask", "episode", "step"):
             assert np.array_equal(batch[key][row], single[key]), key
         assert batch["instruction"][row] == single["instruction"] and batch["task"][row] == single["task"]
+    assert index.sample_tasks.tolist() == index.batch(range(len(index)))["task"]
 
 
 

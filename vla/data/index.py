@@ -95,6 +95,11 @@ class EpisodeIndex:
         return sample
 
     @property
+    def sample_tasks(self) -> np.ndarray:
+        """The task of each selected sample, in sample order."""
+        return np.repeat([e["task"] for e in self.episodes], [e["length"] for e in self.episodes])
+
+    @property
     def instructions(self) -> list[str]:
         """The distinct instructions of the selected samples."""
         used = np.unique(self._arrays["instruction"][self._rows])

@@ -37,9 +37,12 @@ def open_dataset(config: TrainConfig, progress: bool) -> EpisodeIndex:
 
 class BatchSchedule:
     """Which samples make up step s's batch on this rank: a fresh DistributedSampler shuffle per
-    epoch (seeded by seed and epoch), so any step's batch is known without replaying earlier ones."""
+    epoch (seeded by seed and epoch), so any step's batch is known without replaying earlier ones.
+    With `groups` (a label per sample: its task), every batch holds the groups in equal shares
+    instead of in proportion to their samples (short reach episodes are ~12 % of an all-task
+    dataset), each slot a sample of its group drawn from a generator seeded by seed, step and rank."""
 
-    def __init__(self, size: int, batch_size: int, seed: int, rank: int, world: int):
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int, world: int, groups=None):
         if batch_size % world:
             raise ValueError(f"optim.batch_size ({batch_size}) must be divisible by the number of processes ({world})")
         self.sampler = DistributedSampler(
@@ -50,13 +53,23 @@ class BatchSchedule:
         if self.per_epoch == 0:
             raise ValueError(f"the dataset ({size} samples) is smaller than one batch ({batch_size})")
         self.epoch, self.order = -1, []
+        self.seed, self.rank = seed, rank
+        labels = None if groups is None else np.asarray(groups)
+        self.members = None if labels is None else [np.flatnonzero(labels == g) for g in np.unique(labels)]
 
     def indices(self, step: int) -> list[int]:
+        if self.members is not None:
+            return self._balanced(step)
         epoch, i = divmod(step, self.per_epoch)
         if epoch != self.epoch:
             self.sampler.set_epoch(epoch)
             self.epoch, self.order = epoch, list(self.sampler)
         return self.order[i * self.per_rank : (i + 1) * self.per_rank]
+
+    def _balanced(self, step: int) -> list[int]:
+        rng = np.random.default_rng((self.seed, step, self.rank))
+        slots = rng.permutation(np.arange(self.per_rank) % len(self.members))
+        return [int(self.members[g][rng.integers(len(self.members[g]))]) for g in slots]
 
 
 def collate(

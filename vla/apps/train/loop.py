@@ -133,7 +133,8 @@ def train(config: TrainConfig, index=None, resume: str | Path | None = None, pro
     optimizer = make_optimizer(model, config.optim, procs.device)
     scheduler = make_scheduler(optimizer, config.optim)
     start = load_training_state(resume_dir, optimizer, scheduler) if resume_dir is not None else 0
-    schedule = BatchSchedule(len(index), config.optim.batch_size, config.seed, procs.rank, procs.world)
+    tasks = index.sample_tasks if config.data.task_balance else None
+    schedule = BatchSchedule(len(index), config.optim.batch_size, config.seed, procs.rank, procs.world, tasks)
     autocast = torch.autocast("cuda", torch.bfloat16) if procs.device.type == "cuda" else nullcontext()
 
     logger = Logger(out_dir, config, start) if procs.main else None

@@ -25,6 +25,9 @@ class DataConfig:
     # that the policy learns to act on the words it knows and pass over those it does not (what a
     # person's own phrasing brings); 0: off
     instruction_noise: float = 0.0
+    # every batch holds the tasks in equal shares, not in proportion to their samples (reach
+    # episodes are the shortest: ~12 % of the samples of an all-task dataset)
+    task_balance: bool = False
 
 
 @dataclass

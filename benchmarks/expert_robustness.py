@@ -20,14 +20,14 @@ SEED = 5_000_000
 PERTURBED_STEPS = 30
 
 
-def run(task: str, episodes: int, perturb: float) -> tuple[float, float]:
-    """(success rate, mean steps) of the expert on `episodes` seeds, with a random action in place of
-    its own with probability `perturb` in each of the first PERTURBED_STEPS steps."""
+def run(task: str, episodes: int, perturb: float, first_seed: int = SEED) -> tuple[float, float]:
+    """(success rate, mean steps) of the expert on seeds first_seed + i, with a random action in
+    place of its own with probability `perturb` in each of the first PERTURBED_STEPS steps."""
     env, rng = make_env(task), np.random.default_rng(0)
     expert = load_policy("expert", env)
     successes, steps = 0, []
     for i in range(episodes):
-        obs, _ = env.reset(seed=SEED + i)
+        obs, _ = env.reset(seed=first_seed + i)
         expert.reset(obs["instruction"])
         for step in range(env.max_steps):
             action = expert.act(obs)

@@ -47,14 +47,25 @@ def run_python():
     return run
 
 
-@pytest.fixture(scope="session")
-def fuzz():
-    """benchmarks/fuzz.py as a module: the fuzz tests run a few hundred of its cases."""
-    spec = importlib.util.spec_from_file_location("benchmarks_fuzz", ROOT / "benchmarks" / "fuzz.py")
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module, so that a test runs a few of the cases it runs at scale."""
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def fuzz():
+    """benchmarks/fuzz.py: the fuzz tests run a few hundred of its cases."""
+    return load_benchmark("fuzz")
+
+
+@pytest.fixture(scope="session")
+def expert_robustness():
+    """benchmarks/expert_robustness.py: the expert tests run its perturbed rollouts on a few seeds."""
+    return load_benchmark("expert_robustness")
 
 
 @pytest.fixture(scope="session")

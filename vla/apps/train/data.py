@@ -42,7 +42,8 @@ class BatchSchedule:
     instead of in proportion to their samples (short reach episodes are ~12 % of an all-task
     dataset), each slot a sample of its group drawn from a generator seeded by seed, step and rank."""
 
-    def __init__(self, size: int, batch_size: int, seed: int, rank: int, world: int, groups=None):
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int, world: int,
+                 groups: np.ndarray | None = None):
         if batch_size % world:
             raise ValueError(f"optim.batch_size ({batch_size}) must be divisible by the number of processes ({world})")
         self.sampler = DistributedSampler(
@@ -54,8 +55,7 @@ class BatchSchedule:
             raise ValueError(f"the dataset ({size} samples) is smaller than one batch ({batch_size})")
         self.epoch, self.order = -1, []
         self.seed, self.rank = seed, rank
-        labels = None if groups is None else np.asarray(groups)
-        self.members = None if labels is None else [np.flatnonzero(labels == g) for g in np.unique(labels)]
+        self.members = None if groups is None else [np.flatnonzero(groups == g) for g in np.unique(groups)]
 
     def indices(self, step: int) -> list[int]:
         if self.members is not None:

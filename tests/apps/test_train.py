@@ -7,6 +7,7 @@ import json
 import os
 import socket
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,9 +92,11 @@ def losses(out_dir) -> dict[int, float]:
 
 # ---- recipes ----------------------------------------------------------------------------------
 def test_shipped_recipes_load():
-    for name in ("quickstart-cpu", "full-gpu"):
-        config = load_config(f"policies/configs/{name}.yaml")
-        assert config.model.chunk >= 1 and config.data.tasks
+    recipes = sorted(Path("policies/configs").glob("*.yaml"))
+    assert len(recipes) >= 4
+    for path in recipes:
+        config = load_config(path)
+        assert config.model.chunk >= 1 and config.data.tasks, path
 
 
 def test_noisy_instructions_keep_every_word_in_order_and_add_one_or_two():

@@ -83,9 +83,8 @@ def test_expert_solves_task_through_every_stage(task):
 
 @pytest.mark.parametrize("task", ["pick", "place"])
 def test_expert_recovers_from_a_policys_mistakes(task, expert_robustness):
-    """The expert reads what to do from the state alone, so it can label any state a policy visits:
-    with a random action (gripper included) in place of 30 % of its own over the first 30 steps
-    (missed grasps, dropped cubes), it still succeeds."""
+    """With a random action (gripper included) in place of 30 % of its own over the first 30 steps
+    (missed grasps, dropped cubes), the expert still succeeds."""
     success, _ = expert_robustness.run(task, episodes=5, perturb=0.3, first_seed=2000)
     assert success >= 0.8  # 4 of 5
 

@@ -1,7 +1,8 @@
 """The VLA policy: a trained VLAModel behind the Policy interface, executing its action chunks.
 
-The model predicts k future actions per call. Two ways to execute them:
-- "ensemble" (default): predict a chunk at every step and execute, for the current step, the
+The model predicts k future actions per call. Two ways to execute them (the checkpoint names
+its own, ModelConfig.execution; `execution` overrides it):
+- "ensemble": predict a chunk at every step and execute, for the current step, the
   weighted mean of every chunk's prediction for it, weight exp(-ensemble_decay * age) with age in
   steps since the chunk was predicted (temporal ensembling as in ACT, newest weighted most).
   Closed-loop at every step, and smooth.
@@ -18,17 +19,17 @@ import numpy as np
 from policies.ensemble import temporal_ensemble
 from vla.contracts.action import ACTION_DIM
 from vla.contracts.observation import ObservationSpec
+from vla.model.config import EXECUTIONS
 from vla.runtime import Runtime, load_runtime
-
-EXECUTIONS = ("ensemble", "chunk")
 
 
 class VLAPolicy:
     """Executes the action chunks of a Runtime (vla.runtime: torch or onnx, CPU or CUDA)."""
 
     def __init__(
-        self, runtime: Runtime, execution: str = "ensemble", execute_steps: int = 0, ensemble_decay: float = 0.5
+        self, runtime: Runtime, execution: str | None = None, execute_steps: int = 0, ensemble_decay: float = 0.5
     ):
+        execution = execution or runtime.config.execution
         if execution not in EXECUTIONS:
             raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
         chunk = runtime.chunk

@@ -2,6 +2,8 @@
 chunks)."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -96,6 +98,20 @@ def test_checkpoint_policy_runs_closed_loop_in_sim(tmp_path, tiny_model):
             obs, *_ = env.step(action)
     finally:
         env.close()
+
+
+def test_a_checkpoint_names_how_its_chunks_are_executed(tmp_path, tiny_model):
+    """The execution trained and measured with travels in the checkpoint; old checkpoints, saved
+    without it, keep the temporal ensemble they were measured with; an explicit one overrides."""
+    path = save_checkpoint(tmp_path / "chunk", *tiny_model(execution="chunk"))
+    assert VLAPolicy.from_checkpoint(path).execution == "chunk"
+    assert VLAPolicy.from_checkpoint(path, execution="ensemble").execution == "ensemble"
+    meta = json.loads((path / "config.json").read_text())
+    del meta["model"]["execution"]
+    (path / "config.json").write_text(json.dumps(meta))
+    assert VLAPolicy.from_checkpoint(path).execution == "ensemble"
+    with pytest.raises(ValueError, match=r"ModelConfig\.execution"):
+        tiny_model(execution="sometimes")
 
 
 def test_every_policy_says_what_it_observes():

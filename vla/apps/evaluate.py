@@ -40,6 +40,7 @@ from vla.apps.rollout import (
     success_table,
 )
 from vla.model.checkpoint import trained_tasks
+from vla.model.config import EXECUTIONS
 
 
 class TimedPolicy:
@@ -71,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="torch", choices=("torch", "onnx"))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--decoder", default=None, help="parallel | autoregressive (default: the model's first)")
-    parser.add_argument("--execution", default="ensemble", choices=("ensemble", "chunk"))
+    parser.add_argument("--execution", choices=EXECUTIONS, help="how action chunks are played (default: the checkpoint's)")
     parser.add_argument("--out", default="outputs/eval", help="directory for report.json and rollouts.mp4")
     parser.add_argument("--video-episodes", type=int, default=2, help="episodes per task in the video (0: none)")
     add_episode_arguments(parser)
@@ -103,7 +104,7 @@ def run(args) -> int:
         Console().print(phrasing_table(results))
     chosen = results[args.phrasings]
     report = {
-        "checkpoint": str(args.checkpoint), "runtime": policy.policy.runtime.name, "execution": args.execution,
+        "checkpoint": str(args.checkpoint), "runtime": policy.policy.runtime.name, "execution": policy.policy.execution,
         "seeds": [args.seed, args.seed + args.episodes - 1],
         "settings": settings, "instruction": args.instruction, "threads": args.threads,
         "success": {task: success_rate(rows) for task, rows in by_task(chosen).items()},

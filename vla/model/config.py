@@ -16,6 +16,7 @@ SIZE_LIMITS = {"image_size": 1024, "state_dim": 1024, "imu_window": 1000, "max_t
                "keypoints": 1024, "vision_width": 8192, "vision_layers": 64, "hidden_size": 16384, "num_layers": 256,
                "num_heads": 256, "intermediate_size": 65536, "text_vocab_size": 1 << 20, "chunk": 256}
 # Placeholders of the multimodal sentence; each is replaced by its sensor's projected tokens.
+EXECUTIONS = ("ensemble", "chunk")
 SENSOR_PLACEHOLDERS = {"image": "<image>", "wrist_image": "<wrist_image>", "state": "<state>", "imu": "<imu>"}
 
 
@@ -70,6 +71,11 @@ class ModelConfig:
     chunk: int = 4  # predict this many future actions per step (more supervision per sample, too)
     action_bins: int = 256
     decoders: tuple[str, ...] = ("parallel",)  # trained decoders; the first is the default at inference
+    # How a policy executes the chunks (policies.vla_policy): "ensemble", a chunk every step, their
+    # predictions for now averaged (ACT); "chunk", a chunk played open-loop, then the next. Part of
+    # the checkpoint because the better one depends on the model: the all-task model picks 83 % with
+    # "chunk", 43 % with "ensemble" (all-tasks-cpu.yaml).
+    execution: str = "ensemble"
 
     def __post_init__(self):
         for name, most in SIZE_LIMITS.items():
@@ -101,6 +107,8 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.film_text must be one of {FILM_TEXT}, got {self.film_text!r}")
         if self.vision_film and self.vision not in ("cnn", "keypoints"):
             raise ValueError("ModelConfig.vision_film needs a convolutional encoder (vision: cnn or keypoints)")
+        if self.execution not in EXECUTIONS:
+            raise ValueError(f"ModelConfig.execution must be one of {EXECUTIONS}, got {self.execution!r}")
         if not 2 <= self.action_bins <= 4096:
             raise ValueError(f"ModelConfig.action_bins must be in 2..4096, got {self.action_bins}")
         self.decoders = tuple(self.decoders)

@@ -262,7 +262,7 @@ def evaluate(model: VLAModel, processor: Processor, config: TrainConfig) -> dict
     from vla eval's test seeds), with VLAPolicy in sim."""
     if config.eval.episodes == 0:
         return {}
-    policy = VLAPolicy(torch_runtime(model, processor, config.eval.decoder or None), execution=config.eval.execution)
+    policy = VLAPolicy(torch_runtime(model, processor, config.eval.decoder or None))
     results = run_episodes(
         config.data.tasks,
         lambda env: policy,

@@ -47,7 +47,6 @@ class EvalConfig:
     every: int = 0  # steps between closed-loop evaluations in sim (0: only at the end)
     episodes: int = 10  # per task, on validation seeds (vla.apps.rollout.TRAINING_EVAL_SEED_OFFSET + i)
     decoder: str = ""  # "" = the model's first decoder
-    execution: str = "ensemble"  # how VLAPolicy executes action chunks
 
 
 @dataclass

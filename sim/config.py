@@ -12,7 +12,13 @@ from vla.contracts.observation import CONTROL_HZ, IMAGE_SIZE, IMU_HZ, IMU_WINDOW
 
 CAMERA_JITTER = 0.02  # metres: the camera jitter that the randomisation name "jitter" turns on
 MAX_CAMERA_JITTER = 0.1  # metres: at this the picture moves by ~20 of 96 pixels, objects leave it
-RANDOMIZATIONS = ("lighting", "shades", "jitter")  # names of the domain-randomisation switches
+DISTURBANCE = 0.02  # metres: the pushes that the randomisation name "disturbance" turns on
+MAX_DISTURBANCE = 0.05  # metres: the most the hand moves in a control step (MAX_TRANSLATION)
+DISTURBANCE_SHARE = 0.2  # of the control steps that get a push
+# names of the domain-randomisation switches; `all` is the visual ones
+RANDOMIZATIONS = ("lighting", "shades", "jitter", "disturbance")
+MAGNITUDES = {"jitter": ("camera_jitter", CAMERA_JITTER, MAX_CAMERA_JITTER),
+              "disturbance": ("disturbance", DISTURBANCE, MAX_DISTURBANCE)}
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,11 @@ class SimConfig:
     # MAX_CAMERA_JITTER). The eye is 0.84 m from that point: 0.02 m (CAMERA_JITTER, what `jitter`
     # turns on) shifts a 96 x 96 image by 3 pixels on average, 7 at most.
     camera_jitter: float = 0.0
+    # Pushes (DART, Laskey et al. 2017): in DISTURBANCE_SHARE of the control steps the hand's commanded
+    # motion gets a push, normal with this std in metres along each horizontal axis, so that the
+    # scripted expert's demonstrations hold its corrections (and its retries after an empty grasp).
+    # The action recorded and returned in info["action"] stays the command; 0: none.
+    disturbance: float = 0.0
     colours: tuple[str, ...] = tuple(COLOURS)
     max_steps: int = 0  # 0: the task's own limit
     # Which phrasings instructions are drawn from (sim.language): "train" for data and training,
@@ -65,6 +76,9 @@ class SimConfig:
         if not 0 <= self.camera_jitter <= MAX_CAMERA_JITTER:
             raise ValueError(f"SimConfig.camera_jitter must be in [0, {MAX_CAMERA_JITTER}] metres, "
                              f"got {self.camera_jitter!r}")
+        if not 0 <= self.disturbance <= MAX_DISTURBANCE:
+            raise ValueError(f"SimConfig.disturbance must be in [0, {MAX_DISTURBANCE}] metres, "
+                             f"got {self.disturbance!r}")
         if self.max_steps < 0:
             raise ValueError(f"SimConfig.max_steps must be >= 0, got {self.max_steps!r}")
         object.__setattr__(self, "colours", tuple(self.colours))
@@ -91,29 +105,31 @@ class SimConfig:
 
 def randomization(spec: str) -> dict:
     """SimConfig settings for comma-separated randomisation names: `lighting`, `shades`, `jitter`
-    (CAMERA_JITTER metres) or `jitter=METRES`; `all` for every one, `none` or "" for none.
+    (CAMERA_JITTER metres) or `jitter=METRES`, `disturbance` (DISTURBANCE metres) or
+    `disturbance=METRES`; `all` for every visual one, `none` or "" for none.
     `SimConfig(**randomization("lighting,jitter=0.03"))`."""
     switches = {
         "lighting": {"randomize_lighting": True},
         "shades": {"randomize_shades": True},
-        "jitter": {"camera_jitter": CAMERA_JITTER},
+        **{name: {key: default} for name, (key, default, _) in MAGNITUDES.items()},
     }
     settings: dict = {}
     for item in (part.strip() for part in spec.split(",")):
         name, sep, value = item.partition("=")
-        if name == "jitter" and sep:
+        if name in MAGNITUDES and sep:
+            key, default, most = MAGNITUDES[name]
             try:
                 metres = float(value)
             except ValueError:
                 metres = math.nan
-            if not 0 <= metres <= MAX_CAMERA_JITTER:
-                raise ValueError(f"{item!r}: expected 0 to {MAX_CAMERA_JITTER} metres, e.g. jitter={CAMERA_JITTER}")
-            settings["camera_jitter"] = metres
+            if not 0 <= metres <= most:
+                raise ValueError(f"{item!r}: expected 0 to {most} metres, e.g. {name}={default}")
+            settings[key] = metres
         elif not sep and name in (*switches, "all"):
-            for switch in switches if name == "all" else (name,):
+            for switch in ("lighting", "shades", "jitter") if name == "all" else (name,):
                 for key, default in switches[switch].items():
                     settings.setdefault(key, default)  # an explicit jitter=METRES stays
         elif sep or name not in ("", "none"):
             raise ValueError(f"unknown randomisation {item!r}; choose from {', '.join(RANDOMIZATIONS)} "
-                             "(jitter=METRES for another magnitude), all or none")
+                             "(jitter=METRES, disturbance=METRES for another magnitude), all or none")
     return settings

@@ -10,7 +10,7 @@ import numpy as np
 import pybullet as p
 
 from sim import language
-from sim.config import SimConfig
+from sim.config import DISTURBANCE_SHARE, SimConfig
 from sim.robot import HAND_LINK, Panda
 from sim.scene import Scene
 from sim.sensors import SCENE_EYE, SCENE_TARGET, Camera, Imu, wrist_view
@@ -31,7 +31,7 @@ START_LOW, START_HIGH = np.array([0.35, -0.15, 0.18]), np.array([0.55, 0.15, 0.3
 # Random streams of an episode besides its main one (np.random.default_rng(seed): start pose,
 # objects, instruction, IMU), each derived from the seed alone, so that a randomisation switch
 # never changes what another draws: a seed means the same scene whatever the switches.
-STREAMS = {"shades": 1, "camera": 2, "lighting": 3, "language": 4}
+STREAMS = {"shades": 1, "camera": 2, "lighting": 3, "language": 4, "disturbance": 5}
 RESET_OPTIONS = ("instruction",)
 
 
@@ -119,7 +119,7 @@ class TabletopEnv(gym.Env):
     def step(self, action):
         """Execute `action` clipped to the limits (the robot's own; info["action"] is what ran)."""
         action = clip_action(action)
-        self.robot.command(action)
+        self.robot.command(self._disturbed(action))
         self._simulate(self.config.substeps)
         self.steps += 1
         ee = self.robot.ee_pose()[0]
@@ -165,6 +165,14 @@ class TabletopEnv(gym.Env):
             self.camera.light_colour = tuple(light.uniform(0.75, 1.0, 3))
         self.imu = Imu(c, self.robot.body, HAND_LINK, cfg.imu_hz, cfg.imu_window, rng, cfg.imu_noise)
         self._imu_every = cfg.physics_hz // cfg.imu_hz
+        self._pushes = stream(self.episode_seed, "disturbance")
+
+    def _disturbed(self, action: np.ndarray) -> np.ndarray:
+        """`action` with this step's push, if any (SimConfig.disturbance), still inside the limits."""
+        if not self.config.disturbance:
+            return action
+        push = self._pushes.normal(0.0, self.config.disturbance, 2) * (self._pushes.random() < DISTURBANCE_SHARE)
+        return clip_action(np.concatenate([action[:2] + push, action[2:]]))
 
     def _phrase(self, template) -> str:
         """The instruction option for this episode: `template` with its fields filled in."""

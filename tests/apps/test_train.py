@@ -16,12 +16,15 @@ import torch
 import torch.multiprocessing as mp
 import yaml
 
+from sim.config import DISTURBANCE
+from vla.apps.replay import replay
 from vla.apps.train.data import BatchSchedule, noisy_instruction, random_shift
 from vla.apps.train.loop import TrainingError, train
 from vla.apps.train.recipe import TrainConfig, load_config
 from vla.cli import main as vla_main
 from vla.config import ConfigError
 from vla.contracts import ACTION_HIGH, ACTION_LOW
+from vla.data.reader import read_episode
 from vla.model.checkpoint import load_checkpoint
 
 TINY_MODEL = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64, "vision_width": 16,
@@ -129,6 +132,10 @@ def test_overrides_and_config_errors(tmp_path):
         load_config("policies/configs/quickstart-cpu.yaml", ["data.tasks=[fly]"])
     with pytest.raises(ConfigError, match="instruction_noise"):
         load_config("policies/configs/quickstart-cpu.yaml", ["data.instruction_noise=1.5"])
+    with pytest.raises(ConfigError, match=r"data\.collect\.randomize: unknown randomisation 'wind'"):
+        load_config("policies/configs/quickstart-cpu.yaml", ["data.collect.randomize=wind"])
+    with pytest.raises(ConfigError, match="execution"):
+        load_config("policies/configs/quickstart-cpu.yaml", ["model.execution=sometimes"])
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
 
@@ -190,11 +197,13 @@ def test_ddp_on_cpu_keeps_ranks_identical(tmp_path):
 
 
 def test_vla_train_records_the_dataset_then_trains_and_evaluates(tmp_path):
-    """The README's one-command train step, shrunk: records 2 expert episodes with `vla collect`,
-    opens them through EpisodeIndex, trains, evaluates closed-loop in sim, saves."""
+    """The README's one-command train step, shrunk: records 2 expert episodes with `vla collect`
+    (with pushes on the hand: they replay exactly), opens them through EpisodeIndex, trains,
+    evaluates closed-loop in sim, saves."""
+    collect = {"episodes": 2, "workers": 1, "randomize": "disturbance"}
     config = {
         "model": TINY_MODEL,
-        "data": {"dataset": str(tmp_path / "data"), "tasks": ["reach"], "collect": {"episodes": 2, "workers": 1}},
+        "data": {"dataset": str(tmp_path / "data"), "tasks": ["reach"], "collect": collect},
         "optim": {"steps": 2, "batch_size": 4},
         "eval": {"episodes": 1},
         "out_dir": str(tmp_path / "run"),
@@ -205,6 +214,9 @@ def test_vla_train_records_the_dataset_then_trains_and_evaluates(tmp_path):
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(config))
     assert vla_main(["train", "--config", str(path), "--no-progress"]) == 0
+    episode = sorted((tmp_path / "data").glob("episode_*"))[0]
+    assert read_episode(episode).info["sim_config"]["disturbance"] == DISTURBANCE
+    assert replay(episode).max_state_error == 0
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("success_reach" in r for r in records) and any("samples_per_s" in r for r in records)
     assert (tmp_path / "run" / "tb").is_dir() and (tmp_path / "run" / "config.yaml").is_file()

@@ -6,7 +6,8 @@ import pybullet as p
 import pytest
 
 from sim import TASKS, SimConfig, make_env
-from sim.config import CAMERA_JITTER, MAX_CAMERA_JITTER, randomization
+from sim.config import CAMERA_JITTER, DISTURBANCE, MAX_CAMERA_JITTER, MAX_DISTURBANCE, randomization
+from sim.expert import ScriptedExpert
 from sim.scene import COLOURS, SHADE_JITTER
 
 SWITCHES = {
@@ -103,6 +104,9 @@ def test_randomised_quantities_vary_with_the_seed_and_repeat_with_it():
     ("jitter=0.05", {"camera_jitter": 0.05}),
     ("all,jitter=0.01", {"randomize_lighting": True, "randomize_shades": True, "camera_jitter": 0.01}),
     ("jitter=0.01,all", {"randomize_lighting": True, "randomize_shades": True, "camera_jitter": 0.01}),
+    ("disturbance", {"disturbance": DISTURBANCE}),
+    ("all, disturbance=0.03", {"randomize_lighting": True, "randomize_shades": True, "camera_jitter": CAMERA_JITTER,
+                               "disturbance": 0.03}),
 ])
 def test_randomization_names(spec, settings):
     assert randomization(spec) == settings
@@ -115,6 +119,7 @@ def test_randomization_names(spec, settings):
     ("jitter=big", "expected 0 to"),
     ("jitter=-0.01", "expected 0 to"),
     (f"jitter={2 * MAX_CAMERA_JITTER}", "expected 0 to"),
+    (f"disturbance={2 * MAX_DISTURBANCE}", "expected 0 to"),
 ])
 def test_randomization_refuses_what_it_does_not_know(spec, message):
     with pytest.raises(ValueError, match=message):
@@ -125,3 +130,49 @@ def test_randomization_refuses_what_it_does_not_know(spec, message):
 def test_camera_jitter_out_of_range_fails_clearly(jitter):
     with pytest.raises(ValueError, match="camera_jitter must be in"):
         SimConfig(camera_jitter=jitter)
+
+
+@pytest.mark.parametrize("disturbance", [-0.01, 2 * MAX_DISTURBANCE, float("nan")])
+def test_disturbance_out_of_range_fails_clearly(disturbance):
+    with pytest.raises(ValueError, match="disturbance must be in"):
+        SimConfig(disturbance=disturbance)
+
+
+def _hand_after(config: SimConfig, actions) -> tuple[np.ndarray, list]:
+    env = make_env("reach", config)
+    try:
+        env.reset(seed=3)
+        infos = [env.step(action)[4] for action in actions]
+        return env.unwrapped.robot.ee_pose()[0], infos
+    finally:
+        env.close()
+
+
+def test_disturbance_pushes_the_hand_the_same_way_for_a_seed():
+    """The pushes move the hand off its commanded path; the command is what info["action"] (and so a
+    recording) holds; a seed's pushes are its own, so a recorded episode replays exactly."""
+    actions = [np.array([0.005, 0, 0, 0, 0, 0, 1], np.float32)] * 30
+    plain, _ = _hand_after(SimConfig(), actions)
+    pushed, infos = _hand_after(SimConfig(disturbance=0.03), actions)
+    again, _ = _hand_after(SimConfig(disturbance=0.03), actions)
+    assert np.linalg.norm(pushed[:2] - plain[:2]) > 0.01
+    np.testing.assert_array_equal(pushed, again)
+    assert all(np.array_equal(info["action"], action) for info, action in zip(infos, actions))
+
+
+def test_the_expert_corrects_pushes():
+    """Demonstrations recorded with pushes still succeed: the expert steers back (and regrasps)."""
+    env = make_env("place", SimConfig(disturbance=0.03))
+    expert, successes = ScriptedExpert(env), 0
+    try:
+        for seed in range(5):
+            obs, _ = env.reset(seed=seed)
+            expert.reset(obs["instruction"])
+            done = False
+            while not done:
+                obs, _, terminated, truncated, info = env.step(expert.act(obs))
+                done = terminated or truncated
+            successes += info["success"]
+    finally:
+        env.close()
+    assert successes >= 4

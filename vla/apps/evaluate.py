@@ -72,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="torch", choices=("torch", "onnx"))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--decoder", default=None, help="parallel | autoregressive (default: the model's first)")
-    parser.add_argument("--execution", choices=EXECUTIONS, help="how action chunks are played (default: the checkpoint's)")
+    parser.add_argument("--execution", choices=EXECUTIONS, help="default: the checkpoint's")
     parser.add_argument("--out", default="outputs/eval", help="directory for report.json and rollouts.mp4")
     parser.add_argument("--video-episodes", type=int, default=2, help="episodes per task in the video (0: none)")
     add_episode_arguments(parser)

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from policies import load_policy
 from sim import TASKS, SimConfig, make_env
-from sim.config import CAMERA_JITTER, randomization
+from sim.config import CAMERA_JITTER, DISTURBANCE, randomization
 from sim.language import SPLITS
 from vla.apps.video import annotate, grid, write_video
 from vla.contracts.observation import ObservationSpec
@@ -199,7 +199,8 @@ def add_randomize_argument(parser: argparse.ArgumentParser) -> None:
         default="",
         metavar="NAMES",
         help="domain randomisation, comma-separated: lighting, shades (object colours), jitter (camera, "
-        f"{CAMERA_JITTER} m; jitter=METRES for another magnitude) or all. A seed keeps its scene either way",
+        f"{CAMERA_JITTER} m; jitter=METRES for another magnitude), all (those three) or disturbance (pushes "
+        f"on the hand's motion, {DISTURBANCE} m; disturbance=METRES). A seed keeps its scene either way",
     )
 
 

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from sim import SimConfig
+from sim.config import randomization
 from vla.apps.collect import record_dataset
 from vla.apps.train.recipe import TrainConfig
 from vla.data.index import EpisodeIndex
@@ -23,8 +24,8 @@ def ensure_dataset(config: TrainConfig) -> Path:
     is missing of it (nothing when complete; an interrupted recording resumes)."""
     data, path = config.data, Path(config.data.dataset)
     if data.collect.episodes > 0:
-        record_dataset(path, list(data.tasks), data.collect.episodes, "expert", SimConfig.for_spec(config.model.spec),
-                       workers=data.collect.workers)
+        sim = SimConfig.for_spec(config.model.spec, **randomization(data.collect.randomize))
+        record_dataset(path, list(data.tasks), data.collect.episodes, "expert", sim, workers=data.collect.workers)
     elif not path.exists():
         raise FileNotFoundError(f"dataset {path} not found: record it with `vla collect` or set data.collect.episodes")
     return path

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sim import TASKS
+from sim.config import randomization
 from vla.config import apply_overrides, from_dict, read_yaml
 from vla.model.config import ModelConfig
 
@@ -13,6 +14,15 @@ from vla.model.config import ModelConfig
 class CollectConfig:
     episodes: int = 0  # per task, recorded with the scripted expert if `dataset` is missing (0: never)
     workers: int = 2
+    # domain randomisation of the recorded episodes (sim.config.randomization names), e.g.
+    # "disturbance" for demonstrations with the expert's corrections
+    randomize: str = ""
+
+    def __post_init__(self):
+        try:
+            randomization(self.randomize)
+        except ValueError as exc:
+            raise ValueError(f"data.collect.randomize: {exc}") from None
 
 
 @dataclass

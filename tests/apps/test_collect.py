@@ -69,6 +69,12 @@ def test_sigkill_mid_collection_then_rerun_completes_a_consistent_dataset(tmp_pa
     assert len(EpisodeIndex(data, progress=False).episodes) == sum(e["success"] for e in listed)
 
     assert vla(command) == 0 and "already recorded" in capsys.readouterr().out  # nothing left to do
+    # a dataset recorded before a SimConfig setting existed (at its default) is still the same collection
+    manifest = json.loads((data / "manifest.json").read_text())
+    for entry in manifest["episodes"]:
+        del entry["sim_config"]["disturbance"]
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    assert vla(command) == 0 and "already recorded" in capsys.readouterr().out
     assert vla(["collect", "--task", "pick", "--episodes", "1", "--out", str(data)]) == 2
     assert "pass --append" in capsys.readouterr().err
     assert vla(["collect", "--task", "pick", "--episodes", "1", "--out", str(data), "--append"]) == 0

@@ -89,6 +89,15 @@ def record_dataset(out: str | Path, tasks: list[str], episodes: int, policy: str
         return collect(dataset, jobs, workers)
 
 
+def _with_defaults(sim_config):
+    """A recorded sim_config as stored now: settings added since it was recorded at their defaults
+    (which is what it ran with)."""
+    try:
+        return json.loads(json.dumps(asdict(SimConfig.from_dict(sim_config))))
+    except (TypeError, ValueError):
+        return sim_config  # not a valid SimConfig: it differs from ours
+
+
 def plan(dataset: DatasetWriter, tasks: list[str], episodes: int, policy: str, config: SimConfig, seed: int,
          append: bool) -> list[Job]:
     """The episodes still to record: ids 0.. (or after the last with append), `episodes` per task."""
@@ -107,6 +116,7 @@ def plan(dataset: DatasetWriter, tasks: list[str], episodes: int, policy: str, c
 
 def _check_same_collection(root: Path, recorded: dict, task: str, policy: str, sim_config: dict, seed: int) -> None:
     ours = {"task": task, "policy": policy, "seed": seed, "sim_config": sim_config}
+    recorded = recorded | {"sim_config": _with_defaults(recorded.get("sim_config"))}
     differ = [key for key in ours if recorded.get(key) != ours[key]]
     if differ:
         raise ValueError(f"{root} already holds {recorded['path']} recorded with another {', '.join(differ)} "

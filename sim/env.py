@@ -117,7 +117,8 @@ class TabletopEnv(gym.Env):
         return self._observation(), self._info(False)
 
     def step(self, action):
-        """Execute `action` clipped to the limits (the robot's own; info["action"] is what ran)."""
+        """Execute `action` clipped to the limits (the robot's own; info["action"] is that command,
+        without the push that SimConfig.disturbance may add)."""
         action = clip_action(action)
         self.robot.command(self._disturbed(action))
         self._simulate(self.config.substeps)

@@ -15,8 +15,9 @@ MAX_CAMERA_JITTER = 0.1  # metres: at this the picture moves by ~20 of 96 pixels
 DISTURBANCE = 0.02  # metres: the pushes that the randomisation name "disturbance" turns on
 MAX_DISTURBANCE = 0.05  # metres: the most the hand moves in a control step (MAX_TRANSLATION)
 DISTURBANCE_SHARE = 0.2  # of the control steps that get a push
-# names of the domain-randomisation switches; `all` is the visual ones
-RANDOMIZATIONS = ("lighting", "shades", "jitter", "disturbance")
+# names of the domain-randomisation switches; `all` turns on the visual ones
+VISUAL_RANDOMIZATIONS = ("lighting", "shades", "jitter")
+RANDOMIZATIONS = (*VISUAL_RANDOMIZATIONS, "disturbance")
 MAGNITUDES = {"jitter": ("camera_jitter", CAMERA_JITTER, MAX_CAMERA_JITTER),
               "disturbance": ("disturbance", DISTURBANCE, MAX_DISTURBANCE)}
 
@@ -126,7 +127,7 @@ def randomization(spec: str) -> dict:
                 raise ValueError(f"{item!r}: expected 0 to {most} metres, e.g. {name}={default}")
             settings[key] = metres
         elif not sep and name in (*switches, "all"):
-            for switch in ("lighting", "shades", "jitter") if name == "all" else (name,):
+            for switch in VISUAL_RANDOMIZATIONS if name == "all" else (name,):
                 for key, default in switches[switch].items():
                     settings.setdefault(key, default)  # an explicit jitter=METRES stays
         elif sep or name not in ("", "none"):

@@ -89,11 +89,16 @@ def record_dataset(out: str | Path, tasks: list[str], episodes: int, policy: str
         return collect(dataset, jobs, workers)
 
 
+def _as_stored(config: SimConfig) -> dict:
+    """`config` as an episode's metadata holds it (JSON: lists, not tuples)."""
+    return json.loads(json.dumps(asdict(config)))
+
+
 def _with_defaults(sim_config):
     """A recorded sim_config as stored now: settings added since it was recorded at their defaults
     (which is what it ran with)."""
     try:
-        return json.loads(json.dumps(asdict(SimConfig.from_dict(sim_config))))
+        return _as_stored(SimConfig.from_dict(sim_config))
     except (TypeError, ValueError):
         return sim_config  # not a valid SimConfig: it differs from ours
 
@@ -103,7 +108,7 @@ def plan(dataset: DatasetWriter, tasks: list[str], episodes: int, policy: str, c
     """The episodes still to record: ids 0.. (or after the last with append), `episodes` per task."""
     done = {e["episode"]: e for e in dataset.episodes}
     first = max(done, default=-1) + 1 if append else 0
-    sim_config, found = json.loads(json.dumps(asdict(config))), versions()  # as stored (lists, not tuples)
+    sim_config, found = _as_stored(config), versions()
     jobs = []
     for i in range(len(tasks) * episodes):
         episode, task = first + i, tasks[i // episodes]

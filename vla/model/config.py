@@ -15,8 +15,8 @@ VISION_ENCODERS = (*FROM_SCRATCH_VISION, "pretrained", "vlm")
 SIZE_LIMITS = {"image_size": 1024, "state_dim": 1024, "imu_window": 1000, "max_text_tokens": 512, "patch_size": 256,
                "keypoints": 1024, "vision_width": 8192, "vision_layers": 64, "hidden_size": 16384, "num_layers": 256,
                "num_heads": 256, "intermediate_size": 65536, "text_vocab_size": 1 << 20, "chunk": 256}
+EXECUTIONS = ("ensemble", "chunk")  # how a policy plays the action chunks (ModelConfig.execution)
 # Placeholders of the multimodal sentence; each is replaced by its sensor's projected tokens.
-EXECUTIONS = ("ensemble", "chunk")
 SENSOR_PLACEHOLDERS = {"image": "<image>", "wrist_image": "<wrist_image>", "state": "<state>", "imu": "<imu>"}
 
 

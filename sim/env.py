@@ -30,8 +30,9 @@ VIDEO_SIZE = 256
 START_LOW, START_HIGH = np.array([0.35, -0.15, 0.18]), np.array([0.55, 0.15, 0.32])
 # Random streams of an episode besides its main one (np.random.default_rng(seed): start pose,
 # objects, instruction, IMU), each derived from the seed alone, so that a randomisation switch
-# never changes what another draws: a seed means the same scene whatever the switches.
-STREAMS = {"shades": 1, "camera": 2, "lighting": 3, "language": 4, "disturbance": 5}
+# never changes what another draws: a seed means the same scene whatever the switches. ("takeover":
+# the step vla collect's scripted expert takes over from a checkpoint, --expert-takeover.)
+STREAMS = {"shades": 1, "camera": 2, "lighting": 3, "language": 4, "disturbance": 5, "takeover": 6}
 RESET_OPTIONS = ("instruction",)
 
 

@@ -34,7 +34,18 @@ class ScriptedExpert:
         self.spec = self.env.config.spec
 
     def reset(self, instruction: str = "") -> None:
+        """Start from the current state: mid-episode (taking over from a learned policy) a cube
+        already in the fingers is carried on with, anything else starts from the approach."""
         self.phase, self.wait = 0, 0
+        task = self.env.task
+        if isinstance(task, Pick | Place) and task.target is not None and self._holds(task.target):
+            self.phase = 3
+
+    def _holds(self, obj) -> bool:
+        """Both fingers on `obj` and it off the table."""
+        robot, scene = self.env.robot, self.env.scene
+        fingers = {c[3] for c in p.getContactPoints(robot.body, obj.body, physicsClientId=scene.client)}
+        return len(fingers) >= 2 and scene.position(obj)[2] > CUBE_HALF + 0.005
 
     def act(self, obs=None) -> np.ndarray:
         task = self.env.task

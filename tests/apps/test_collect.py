@@ -11,6 +11,7 @@ from pathlib import Path
 
 import imageio.v2 as imageio
 
+from policies import CHECKPOINT_DIR
 from vla.apps.replay import replay
 from vla.cli import main as vla
 from vla.data.index import EpisodeIndex
@@ -119,3 +120,28 @@ def test_dataset_info_video_and_plot(expert_dataset, tmp_path, capsys):
     assert vla(["dataset", "plot", str(root), "--out", str(tmp_path / "actions.png")]) == 0
     assert (tmp_path / "actions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert vla(["dataset", "stats", str(root)]) == 0 and "q99" in capsys.readouterr().out
+
+
+# ---- DAgger-style corrections ----------------------------------------------------------------------
+def test_expert_takeover_records_corrections_that_replay_and_train_from_the_takeover(tmp_path, capsys):
+    checkpoint = CHECKPOINT_DIR / "default"
+    data = tmp_path / "corrections"
+    command = ["collect", "--task", "pick", "--episodes", "4", "--out", str(data), "--policy", str(checkpoint),
+               "--expert-takeover", "30"]
+    assert vla(command) == 0
+    listed = _listed(data)
+    takeovers = [e["expert_from"] for e in listed]
+    assert all(0 <= k <= 30 for k in takeovers) and len(set(takeovers)) > 1  # drawn per episode
+    assert sum(e["success"] for e in listed) >= 3  # the expert finishes what the checkpoint began
+    for entry in listed:
+        report = replay(data / entry["path"])  # what was executed is what was recorded
+        assert report.max_state_error == 0 and report.replayed_success == entry["success"]
+    index = EpisodeIndex(data, chunk=4, progress=False)
+    kept = [e for e in listed if e["success"]]
+    assert len(index) == sum(e["steps"] - min(e["expert_from"], e["steps"]) for e in kept)
+    assert min(index.batch(range(len(index)))["step"]) == min(e["expert_from"] for e in kept
+                                                              if e["expert_from"] < e["steps"])
+    assert vla(command) == 0 and "already recorded" in capsys.readouterr().out  # resumes the same draws
+    assert vla([*command[:-2], "--expert-takeover", "20"]) == 2 and "expert_from" in capsys.readouterr().err
+    assert vla([*command[:-4], "--expert-takeover", "20"]) == 2
+    assert "needs a checkpoint --policy" in capsys.readouterr().err

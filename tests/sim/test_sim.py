@@ -89,6 +89,23 @@ def test_expert_recovers_from_a_policys_mistakes(task, expert_robustness):
     assert success >= 0.8  # 4 of 5
 
 
+def test_an_expert_taking_over_mid_place_carries_on_with_the_cube_it_finds_held():
+    env = make_env("place")
+    obs, _ = env.reset(seed=1001)
+    first = load_policy("expert", env)
+    first.reset(obs["instruction"])
+    while "lifted" not in env.unwrapped.stages:
+        obs, *_ = env.step(first.act(obs))
+    second = load_policy("expert", env)
+    second.reset(obs["instruction"])  # a fresh one, as after a learned policy's steps
+    assert second.phase == 3  # lifting it clear, not opening the fingers to approach it again
+    while True:
+        obs, _, terminated, truncated, info = env.step(second.act(obs))
+        if terminated or truncated:
+            break
+    assert info["success"]
+
+
 @pytest.mark.parametrize("task", ["pick", "place"])
 def test_a_robot_that_stays_put_reaches_no_stage(task):
     env = make_env(task)

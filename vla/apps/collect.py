@@ -5,6 +5,10 @@
 Episode i of a dataset uses seed `--seed` + i. Rerunning the same command after an interruption
 records only the missing episodes; `--append` adds `--episodes` new ones after the last.
 Workers (spawned processes) each write whole episodes; this process owns the manifest.
+
+DAgger-style corrections: `--policy CHECKPOINT --expert-takeover N` lets the checkpoint drive each
+episode for a random 0..N steps (drawn from the episode's seed) before the scripted expert takes
+over; training reads only the expert's steps (episode metadata `expert_from`).
 """
 from __future__ import annotations
 
@@ -24,7 +28,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from policies import load_policy
+from policies.takeover import ExpertTakeover
 from sim import SimConfig, make_env
+from sim.env import stream
+from sim.expert import ScriptedExpert
 from vla.apps.rollout import add_randomize_argument, parse_tasks, randomize_settings
 from vla.data.dataset import DatasetWriter, dir_bytes, partial_episode, publish_episode
 from vla.data.record import record_episode, versions
@@ -39,6 +46,7 @@ class Job:
     policy: str
     sim_config: dict
     versions: dict
+    expert_from: int | None = None  # the step the scripted expert takes over from the policy
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=SimConfig.image_size)
     parser.add_argument("--wrist-camera", action="store_true")
     parser.add_argument("--max-steps", type=int, default=0, help="episode step limit (0: the task's own)")
+    parser.add_argument("--expert-takeover", type=int, metavar="N",
+                        help="with a checkpoint --policy: the scripted expert takes over after a random 0..N "
+                             "steps; only its steps are trained on (DAgger-style corrections)")
     add_randomize_argument(parser)
 
 
@@ -62,7 +73,7 @@ def run(args) -> int:
                        **randomize_settings(args))
     start = time.perf_counter()
     infos = record_dataset(args.out, parse_tasks(args.task), args.episodes, args.policy, config, args.seed, args.append,
-                           args.workers)
+                           args.workers, expert_takeover=args.expert_takeover)
     if infos:
         elapsed = time.perf_counter() - start
         rate = sum(i["success"] for i in infos) / len(infos)
@@ -73,13 +84,17 @@ def run(args) -> int:
 
 
 def record_dataset(out: str | Path, tasks: list[str], episodes: int, policy: str, config: SimConfig, seed: int = 0,
-                   append: bool = False, workers: int = 1, log=print) -> list[dict]:
+                   append: bool = False, workers: int = 1, log=print, expert_takeover: int | None = None) -> list[dict]:
     """Record `episodes` per task into the dataset `out` (created), or what an interrupted recording
-    left missing of them (with `append`: that many more). -> the new episodes' metadata."""
+    left missing of them (with `append`: that many more). -> the new episodes' metadata.
+    With `expert_takeover` N, the checkpoint `policy` drives 0..N steps, then the scripted expert."""
     if policy not in ("expert", "random") and not Path(policy).is_dir():
         raise ValueError(f"unknown policy {policy!r}: use 'expert', 'random' or a checkpoint directory")
+    if expert_takeover is not None and (policy in ("expert", "random") or expert_takeover < 0):
+        raise ValueError("--expert-takeover needs a checkpoint --policy and a number of steps >= 0, "
+                         f"got {policy!r} and {expert_takeover}")
     with DatasetWriter(out, log=log) as dataset:
-        jobs = plan(dataset, tasks, episodes, policy, config, seed, append)
+        jobs = plan(dataset, tasks, episodes, policy, config, seed, append, expert_takeover)
         done = len(dataset.episodes)
         if not jobs:
             log(f"{out}: all {done} episodes already recorded" + ("" if append else " (use --append to add more)"))
@@ -104,7 +119,7 @@ def _with_defaults(sim_config):
 
 
 def plan(dataset: DatasetWriter, tasks: list[str], episodes: int, policy: str, config: SimConfig, seed: int,
-         append: bool) -> list[Job]:
+         append: bool, expert_takeover: int | None = None) -> list[Job]:
     """The episodes still to record: ids 0.. (or after the last with append), `episodes` per task."""
     done = {e["episode"]: e for e in dataset.episodes}
     first = max(done, default=-1) + 1 if append else 0
@@ -112,15 +127,21 @@ def plan(dataset: DatasetWriter, tasks: list[str], episodes: int, policy: str, c
     jobs = []
     for i in range(len(tasks) * episodes):
         episode, task = first + i, tasks[i // episodes]
+        expert_from = None if expert_takeover is None else _takeover_step(seed + episode, expert_takeover)
         if episode in done:
-            _check_same_collection(dataset.root, done[episode], task, policy, sim_config, seed + episode)
+            _check_same_collection(dataset.root, done[episode], task, policy, sim_config, seed + episode, expert_from)
             continue
-        jobs.append(Job(str(dataset.root), episode, task, seed + episode, policy, sim_config, found))
+        jobs.append(Job(str(dataset.root), episode, task, seed + episode, policy, sim_config, found, expert_from))
     return jobs
 
 
-def _check_same_collection(root: Path, recorded: dict, task: str, policy: str, sim_config: dict, seed: int) -> None:
-    ours = {"task": task, "policy": policy, "seed": seed, "sim_config": sim_config}
+def _takeover_step(seed: int, most: int) -> int:
+    return int(stream(seed, "takeover").integers(most + 1))
+
+
+def _check_same_collection(root: Path, recorded: dict, task: str, policy: str, sim_config: dict, seed: int,
+                           expert_from: int | None) -> None:
+    ours = {"task": task, "policy": policy, "seed": seed, "sim_config": sim_config, "expert_from": expert_from}
     recorded = recorded | {"sim_config": _with_defaults(recorded.get("sim_config"))}
     differ = [key for key in ours if recorded.get(key) != ours[key]]
     if differ:
@@ -192,8 +213,11 @@ def _close_envs() -> None:
 def record_job(job: Job) -> dict:
     """Record one episode under .partial/ and move it into the dataset once complete."""
     env, policy = _env_and_policy(job)
-    partial = partial_episode(job.root, job.episode)
     extra = {"episode": job.episode, "policy": job.policy, "versions": job.versions}
+    if job.expert_from is not None:
+        policy = ExpertTakeover(policy, ScriptedExpert(env), job.expert_from)
+        extra["expert_from"] = job.expert_from
+    partial = partial_episode(job.root, job.episode)
     try:
         info = record_episode(env, policy, job.seed, partial, extra)
     except BaseException:

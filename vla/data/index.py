@@ -40,7 +40,10 @@ class CorruptEpisodeWarning(UserWarning):
 
 
 class EpisodeIndex:
-    """`index[i]` -> dict(image, [wrist_image], state, imu, instruction, actions [chunk, 7],
+    """One sample per recorded step (from `expert_from` on where the scripted expert took over from a
+    checkpoint: the steps before it are the checkpoint's, not demonstrations).
+
+    `index[i]` -> dict(image, [wrist_image], state, imu, instruction, actions [chunk, 7],
     action_mask [chunk], task, episode, step); `index.batch(indices)` stacks them."""
 
     def __init__(self, dataset_dir: str | Path, image_size: int = 96, chunk: int = 1, tasks=None,
@@ -65,7 +68,8 @@ class EpisodeIndex:
                 f"{self.root}: no episodes match {self.selection} "
                 f"({len(self._meta['episodes'])} usable episodes in the dataset)"
             )
-        self._rows = np.concatenate([np.arange(e["start"], e["start"] + e["length"]) for e in self.episodes])
+        self._rows = np.concatenate([np.arange(e["start"] + _first_trained(e), e["start"] + e["length"])
+                                     for e in self.episodes])
         self._stats: dict | None = None
 
     # ---- samples -----------------------------------------------------------------------------
@@ -97,7 +101,7 @@ class EpisodeIndex:
     @property
     def sample_tasks(self) -> np.ndarray:
         """The task of each selected sample, in sample order."""
-        return np.repeat([e["task"] for e in self.episodes], [e["length"] for e in self.episodes])
+        return np.repeat([e["task"] for e in self.episodes], [e["length"] - _first_trained(e) for e in self.episodes])
 
     @property
     def instructions(self) -> list[str]:
@@ -277,6 +281,12 @@ def _discard(cache_dir: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def _first_trained(episode: dict) -> int:
+    """The first step trained on: where the scripted expert took over (vla collect --expert-takeover),
+    as the steps before it are a learned policy's."""
+    return min(episode.get("expert_from") or 0, episode["length"])
+
+
 def _fingerprint(root: Path, manifest: list[dict], image_size: int, imu_window: int) -> str:
     digest = hashlib.sha1(json.dumps([CACHE_FORMAT, image_size, imu_window]).encode())
     stat = (root / MANIFEST).stat()
@@ -339,6 +349,9 @@ def _episode_steps(path: Path, entry: dict, image_size: int, imu_window: int, wr
     differ = sorted(key for key, value in episode.info.items() if entry.get(key) != value)
     if differ or entry["bytes"] != dir_bytes(path):  # the bag's metadata is CRC-protected, the manifest is not
         raise EpisodeError(path, f"the manifest's entry differs from the bag in {differ[:3] or 'its size'}")
+    expert_from = episode.info.get("expert_from", 0)
+    if type(expert_from) is not int or expert_from < 0:
+        raise EpisodeError(path, f"expert_from must be a step number >= 0, got {expert_from!r}")
     steps = episode.steps(image_size, imu_window)
     if wrist and steps["wrist_images"] is None:
         raise EpisodeError(path, "no wrist camera images although the dataset has a wrist camera")

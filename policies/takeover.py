@@ -25,7 +25,9 @@ class ExpertTakeover:
         self.policy.reset(instruction)
 
     def act(self, obs: dict) -> np.ndarray:
-        if self.t == self.expert_from:
+        t, self.t = self.t, self.t + 1
+        if t < self.expert_from:
+            return self.policy.act(obs)
+        if t == self.expert_from:
             self.expert.reset(self.instruction)  # it reads the state the policy left
-        self.t += 1
-        return (self.policy if self.t <= self.expert_from else self.expert).act(obs)
+        return self.expert.act(obs)

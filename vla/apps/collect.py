@@ -31,7 +31,6 @@ from policies import load_policy
 from policies.takeover import ExpertTakeover
 from sim import SimConfig, make_env
 from sim.env import stream
-from sim.expert import ScriptedExpert
 from vla.apps.rollout import add_randomize_argument, parse_tasks, randomize_settings
 from vla.data.dataset import DatasetWriter, dir_bytes, partial_episode, publish_episode
 from vla.data.record import record_episode, versions
@@ -215,7 +214,7 @@ def record_job(job: Job) -> dict:
     env, policy = _env_and_policy(job)
     extra = {"episode": job.episode, "policy": job.policy, "versions": job.versions}
     if job.expert_from is not None:
-        policy = ExpertTakeover(policy, ScriptedExpert(env), job.expert_from)
+        policy = ExpertTakeover(policy, load_policy("expert", env), job.expert_from)
         extra["expert_from"] = job.expert_from
     partial = partial_episode(job.root, job.episode)
     try:

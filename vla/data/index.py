@@ -101,7 +101,8 @@ class EpisodeIndex:
     @property
     def sample_tasks(self) -> np.ndarray:
         """The task of each selected sample, in sample order."""
-        return np.repeat([e["task"] for e in self.episodes], [e["length"] - _first_trained(e) for e in self.episodes])
+        tasks = np.array([e["task"] for e in self._meta["episodes"]])
+        return tasks[self._episode_of[self._rows]]
 
     @property
     def instructions(self) -> list[str]:

@@ -36,8 +36,6 @@ def test_every_node_stops_cleanly_on_signals(ros, tmp_path, sim_bag, pattern):
     ros.start("replay_node", CONFIG / "replay.yaml", bag=sim_bag(tmp_path / "bag"), autoplay=False)
     ros.moving_again(twists, "the policy commanding the sim", timeout=60)
     assert ros.call(SetBool, "/recorder_node/record", SetBool.Request(data=True)).success
-    # commands while recording: on a busy machine a fixed second may hold none
-    ros.moving_again(twists, "the policy commanding while recording", timeout=30)
     ros.spin_for(1.0)  # an episode of about 10 steps
 
     processes = {name: ros.processes[name] for name in NODES}

@@ -24,6 +24,7 @@ PATTERNS = {"SIGINT twice": (signal.SIGINT, signal.SIGINT), "SIGINT, SIGTERM": (
 # The nodes' own deadline is 2 s (a cleanup that overruns it exits 1); the wait measured here also
 # holds the time the processes wait for a CPU on a busy machine.
 EXIT_WITHIN_S = 6.0
+STREAMS = 7  # recorded without the wrist camera: image, joint states, IMU, instruction, action, twist, gripper
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
@@ -35,6 +36,10 @@ def test_every_node_stops_cleanly_on_signals(ros, tmp_path, sim_bag, pattern):
     ros.start("recorder_node", CONFIG / "recorder.yaml", output_dir=dataset)
     ros.start("replay_node", CONFIG / "replay.yaml", bag=sim_bag(tmp_path / "bag"), autoplay=False)
     ros.moving_again(twists, "the policy commanding the sim", timeout=60)
+    # Every recorded stream has two publishers (sim or policy, and replay); one not discovered yet (seconds
+    # on a busy machine) would record nothing.
+    ros.spin_until(lambda: ros.log("recorder_node").count("found a publisher (2 now)") == STREAMS, 60,
+                   "the recorder discovering every publisher")
     assert ros.call(SetBool, "/recorder_node/record", SetBool.Request(data=True)).success
     ros.spin_for(1.0)  # an episode of about 10 steps
 

@@ -22,6 +22,9 @@ falls behind (a busy CPU, a bag being compressed) delays an episode but never mi
   step); otherwise (the recorder started during it, messages were lost) it is discarded with a warning.
 A followed episode's messages wait in memory until it ends (its end is not known before); a robot
 episode's are written as they arrive. A followed episode's bag starts with its announced instruction.
+At a stop (SIGINT, SIGTERM) the messages its readers hold already are received before the episode is
+closed. It logs each publisher it finds or loses per topic: a stream whose publisher it has not
+discovered yet is not recorded.
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from geometry_msgs.msg import TwistStamped
+from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.node import Node
 from rclpy.serialization import deserialize_message, serialize_message
 from std_msgs.msg import Float32MultiArray, String
@@ -66,6 +70,7 @@ OBSERVATION = ("image", "joint_states", "imu")
 TICK_S = 0.05
 EARLY_LIMIT = 20_000  # messages of an episode not announced yet, kept for when it is
 TAKE_AT_ONCE = 100
+DRAIN_S = 0.8  # at a stop, for the messages the readers hold (of runner.STOP_DEADLINE_S)
 PAIR_WINDOW_NS = 2_000_000_000  # an action and its twist arrive at most this far apart
 
 
@@ -133,15 +138,17 @@ class RecorderNode(Node):
         self.started = self.now()
         if cfg.follow_episodes:
             self.create_subscription(String, cfg.episode_topic, self.on_episode_info, qos.EPISODES)
-        self.readers = {key: self.create_subscription(message_class(MSG_TYPES[key]), TOPICS[key],
-                                                      functools.partial(self.on_message, key), RECORDED[key], raw=True)
-                        for key in self.keys}
+        self.readers = {key: self.create_subscription(
+            message_class(MSG_TYPES[key]), TOPICS[key], functools.partial(self.on_message, key), RECORDED[key],
+            raw=True, event_callbacks=SubscriptionEventCallbacks(matched=functools.partial(self.on_matched, key)))
+            for key in self.keys}
         self.create_service(SetBool, "~/record", self.on_record)
         self.create_timer(TICK_S, self.on_tick)
         mode = f"following {cfg.episode_topic}" if cfg.follow_episodes else "start/stop with ~/record"
         self.get_logger().info(f"recording into {cfg.output_dir} ({mode})")
 
     def close(self) -> None:
+        self.drain()
         self.pair()
         for episode in list(self.episodes):
             if episode.end is not None or not self.cfg.follow_episodes:
@@ -154,16 +161,32 @@ class RecorderNode(Node):
     def now(self) -> int:
         return self.get_clock().now().nanoseconds
 
+    def on_matched(self, key: str, info) -> None:
+        """Say which streams are received (as `ros2 bag record` does): a topic whose publisher was not
+        discovered yet is not recorded."""
+        change = "found" if info.current_count_change > 0 else "lost"
+        self.get_logger().info(f"{TOPICS[key]}: {change} a publisher ({info.current_count} now)")
+
     # ---- messages ----------------------------------------------------------------------------------
     def on_message(self, key: str, data: bytes, info) -> None:
         """A message, and the others waiting on its subscription (at most TAKE_AT_ONCE): the executor
         takes one per subscription and round, too few for the IMU (12 per control step) when the
         recorder has fallen behind, and a reader's queue drops its oldest messages when full."""
         self.receive(key, data, info["received_timestamp"])
+        self.take(key, TAKE_AT_ONCE)
+
+    def drain(self) -> None:
+        """Receive what the readers hold already (a recorder behind a busy CPU can hold a second of an
+        episode there at a stop), for at most DRAIN_S of the stop deadline."""
+        deadline = time.monotonic() + DRAIN_S
+        for key in self.readers:
+            self.take(key, EARLY_LIMIT, deadline)
+
+    def take(self, key: str, most: int, deadline: float = float("inf")) -> None:
         reader = self.readers[key]
         with reader.handle:  # as the executor takes a message
-            for _ in range(TAKE_AT_ONCE):
-                taken = reader.handle.take_message(reader.msg_type, True)
+            for _ in range(most):
+                taken = reader.handle.take_message(reader.msg_type, True) if time.monotonic() < deadline else None
                 if taken is None:
                     break
                 self.receive(key, taken[0], taken[1]["received_timestamp"])
@@ -301,7 +324,8 @@ class RecorderNode(Node):
         self.episodes.remove(episode)
         info, counts = self.result(episode), episode.counts
         if not counts["action"]:
-            return self.discard(episode, "no actions were recorded")
+            held = ", ".join(f"{count} {key}" for key, count in counts.items() if count)
+            return self.discard(episode, f"no actions were recorded (it holds {held or 'nothing'})")
         steps = info["steps"]
         lockstep_short = info.get("lockstep") and counts["action"] != steps
         if lockstep_short or min(counts[key] for key in OBSERVATION) < steps:

@@ -12,7 +12,7 @@ import pybullet as p
 from sim import language
 from sim.config import DISTURBANCE_SHARE, SimConfig
 from sim.robot import HAND_LINK, Panda
-from sim.scene import Scene
+from sim.scene import BIN_INNER_HALF, BIN_WALL, Scene
 from sim.sensors import SCENE_EYE, SCENE_TARGET, Camera, Imu, wrist_view
 from sim.tasks import TOUCH_DISTANCE, make_task
 from vla.contracts.action import ACTION_HIGH, ACTION_LOW, clip_action
@@ -113,7 +113,7 @@ class TabletopEnv(gym.Env):
         self._build_world(rng)
         if "instruction" in options:
             self.instruction = self._phrase(options["instruction"])
-        self.steps, self.touched, self.stages = 0, None, set()
+        self.steps, self.touched, self.stages, self.first_close = 0, None, set(), None
         self._settle()
         return self._observation(), self._info(False)
 
@@ -127,6 +127,8 @@ class TabletopEnv(gym.Env):
         ee = self.robot.ee_pose()[0]
         success = self.task.success(self.scene, ee, self.robot.body)
         self.touched = self.touched or self._first_touched(ee)
+        if self.first_close is None and action[-1] < 0.5:
+            self.first_close = self._nearest_object(ee)
         self.stages |= self.task.reached_stages(self.scene, ee, self.robot.body)
         truncated = self.steps >= self.max_steps and not success
         return self._observation(), float(success), success, truncated, self._info(success) | {"action": action}
@@ -235,6 +237,19 @@ class TabletopEnv(gym.Env):
                 return obj.name
         return None
 
+    def _nearest_object(self, ee: np.ndarray) -> dict:
+        """The object (bins too) nearest the grasp point seen from above, and how far [m] from its
+        centre (from a bin's outline: 0 over it): where a policy closed its gripper."""
+        def distance(obj) -> float:
+            offset = np.abs(self.scene.position(obj)[:2] - ee[:2])
+            if obj.shape == "bin":
+                offset = np.maximum(offset - (BIN_INNER_HALF + BIN_WALL), 0.0)
+            return float(np.linalg.norm(offset))
+
+        distances = {obj.name: distance(obj) for obj in self.scene.objects}
+        name = min(distances, key=distances.get)
+        return {"object": name, "distance": round(distances[name], 4)}
+
     def _info(self, success: bool) -> dict:
         return {
             "success": success,
@@ -244,5 +259,7 @@ class TabletopEnv(gym.Env):
             "steps": self.steps,
             "target": self.task.target.name,
             "touched": self.touched,
+            # the gripper first commanded closed (opening < 0.5): the nearest object; None before
+            "first_close": self.first_close,
             "stages": [stage for stage in self.task.stages if stage in self.stages],  # reached so far
         }

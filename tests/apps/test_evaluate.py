@@ -119,4 +119,8 @@ def test_vla_eval_reports_the_stages_a_policy_reached(tmp_path, capsys):
     assert list(report["stages"]["pick"]) == ["touched", "lifted"]
     for stage, share in report["stages"]["pick"].items():
         assert share == pytest.approx(np.mean([stage in e["stages"] for e in episodes]))
-    assert "stages reached" in capsys.readouterr().out
+    closes = report["first_close"]["pick"]  # where the gripper first closed: shares of the episodes
+    assert sum(closes.values()) == pytest.approx(1.0)
+    assert closes["never"] == pytest.approx(np.mean([e["first_close"] is None for e in episodes]))
+    out = capsys.readouterr().out
+    assert "stages reached" in out and "gripper first closed at" in out

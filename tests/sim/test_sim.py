@@ -78,6 +78,8 @@ def test_expert_solves_task_through_every_stage(task):
         successes += info["success"]
         if info["success"]:
             assert info["stages"] == list(TASKS[task].stages)
+            if "lifted" in TASKS[task].stages:  # it closes the gripper at the cube first
+                assert info["first_close"]["object"] == info["target"] and info["first_close"]["distance"] < 0.02
     assert successes >= 3
 
 
@@ -110,9 +112,15 @@ def test_an_expert_taking_over_mid_place_carries_on_with_the_cube_it_finds_held(
 def test_a_robot_that_stays_put_reaches_no_stage(task):
     env = make_env(task)
     env.reset(seed=1000)
+    open_hand = np.array([0, 0, 0, 0, 0, 0, 1], dtype=np.float32)
+    _, _, _, _, info = env.step(open_hand)
+    assert info["first_close"] is None
     for _ in range(5):
-        _, _, _, _, info = env.step(np.zeros(7, dtype=np.float32))
+        _, _, _, _, info = env.step(np.zeros(7, dtype=np.float32))  # gripper 0: closed where it is
     assert info["stages"] == [] and not info["success"]
+    closed = info["first_close"]  # at home, high above the table: not at the target
+    assert closed["object"] in [obj.name for obj in env.scene.objects] and closed["distance"] >= 0
+    assert closed["object"] != info["target"] or closed["distance"] > 0.05
 
 
 def test_imu_reads_gravity_at_rest_and_acceleration_when_moving():

@@ -31,6 +31,8 @@ from vla.apps.rollout import (
     add_episode_arguments,
     by_task,
     episode_settings,
+    first_close_shares,
+    grasps,
     grounding_rate,
     parse_tasks,
     run_episodes,
@@ -111,6 +113,7 @@ def run(args) -> int:
         "grounding": {task: grounding_rate(rows) for task, rows in by_task(chosen).items()},
         "stages": {task: {stage: stage_rate(rows, stage) for stage in TASKS[task].stages}
                    for task, rows in by_task(chosen).items()},
+        "first_close": {task: first_close_shares(rows) for task, rows in by_task(chosen).items() if grasps(task)},
         "phrasings": {phrasing: {"success": {t: success_rate(r) for t, r in by_task(rows).items()},
                                  "grounding": {t: grounding_rate(r) for t, r in by_task(rows).items()}}
                       for phrasing, rows in results.items()},

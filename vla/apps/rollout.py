@@ -34,6 +34,8 @@ TRAINING_EVAL_SEED_OFFSET = 3_000_000
 # other jobs) more threads busy-wait for each other (the default checkpoint on a loaded 2-core
 # machine, p50 per step: 21 ms with 1 thread, 407 ms with 2). `--threads 0`: the backend's default.
 THREADS = 1
+CLOSE_NEAR = 0.05  # m: a first gripper closure this near an object's centre (a bin's outline), seen from above
+CLOSE_PLACES = ("the target", "a bin", "another object", "nothing", "never")
 
 
 @dataclass
@@ -46,6 +48,7 @@ class EpisodeResult:
     target: str  # the object the instruction names
     touched: str | None  # the object the gripper reached first (None: none)
     stages: list[str] = dataclasses.field(default_factory=list)  # the task's stages reached (sim.tasks)
+    first_close: dict | None = None  # where the gripper was first commanded closed (sim.env); None: never
 
 
 def run_episode(env, policy, seed: int, frames: list | None = None, instruction: str | None = None) -> EpisodeResult:
@@ -67,7 +70,7 @@ def run_episode(env, policy, seed: int, frames: list | None = None, instruction:
         last = annotate(env.render(), [obs["instruction"], "SUCCESS" if success else "FAILED"], colour)
         frames.extend([last] * 5)
     return EpisodeResult(env.task.name, seed, success, steps, obs["instruction"], info["target"], info["touched"],
-                         info["stages"])
+                         info["stages"], info["first_close"])
 
 
 def run_episodes(
@@ -155,17 +158,42 @@ def success_table(results: list[EpisodeResult], title: str = "success") -> Table
 
 def stage_table(results: list[EpisodeResult], title: str = "stages reached") -> Table | None:
     """Per task, the share of episodes that reached each of its stages, then success: where the
-    policy fails (pick: touched, lifted; place: touched, lifted, over bin). None: no task has stages."""
+    policy fails (pick: touched, lifted; place: touched, lifted, over bin), and for tasks that
+    grasp, where the gripper first closed. None: no task has stages."""
     staged = {task: rows for task, rows in by_task(results).items() if TASKS[task].stages}
     if not staged:
         return None
     table = Table(title=title)
     table.add_column("task")
     table.add_column("stages reached, then success (share of episodes)")
+    table.add_column("gripper first closed at")
     for task, rows in staged.items():
         shares = [f"{stage} {100 * stage_rate(rows, stage):.0f} %" for stage in TASKS[task].stages]
-        table.add_row(task, " -> ".join([*shares, f"success {100 * success_rate(rows):.0f} %"]))
+        closes = first_close_shares(rows) if grasps(task) else {}
+        table.add_row(task, " -> ".join([*shares, f"success {100 * success_rate(rows):.0f} %"]),
+                      ", ".join(f"{place} {100 * share:.0f} %" for place, share in closes.items()))
+    table.caption = (f"closed at: the object nearest the grasp point seen from above, within {CLOSE_NEAR * 100:.0f} cm "
+                     "of its centre (of a bin's outline)")
     return table
+
+
+def grasps(task: str) -> bool:
+    return "lifted" in TASKS[task].stages
+
+
+def first_close_shares(results: list[EpisodeResult]) -> dict[str, float]:
+    """Where the gripper first closed, as shares of the episodes: at the target, a bin, another
+    object, none within CLOSE_NEAR, or never (place fails mostly by closing at a bin: the recipe)."""
+    def place(r: EpisodeResult) -> str:
+        if r.first_close is None:
+            return "never"
+        name = r.first_close["object"]
+        if r.first_close["distance"] > CLOSE_NEAR:
+            return "nothing"
+        return "the target" if name == r.target else "a bin" if name.endswith(" bin") else "another object"
+
+    places = [place(r) for r in results]
+    return {name: places.count(name) / len(places) for name in CLOSE_PLACES}
 
 
 def by_task(results: list[EpisodeResult]) -> dict[str, list[EpisodeResult]]:

@@ -34,6 +34,7 @@ START_LOW, START_HIGH = np.array([0.35, -0.15, 0.18]), np.array([0.55, 0.15, 0.3
 # the step vla collect's scripted expert takes over from a checkpoint, --expert-takeover.)
 STREAMS = {"shades": 1, "camera": 2, "lighting": 3, "language": 4, "disturbance": 5, "takeover": 6}
 RESET_OPTIONS = ("instruction",)
+CLOSING = 0.5  # a gripper command (opening, 1 open) below this closes the hand: info["first_close"]
 
 
 def stream(seed: int, purpose: str) -> np.random.Generator:
@@ -127,7 +128,7 @@ class TabletopEnv(gym.Env):
         ee = self.robot.ee_pose()[0]
         success = self.task.success(self.scene, ee, self.robot.body)
         self.touched = self.touched or self._first_touched(ee)
-        if self.first_close is None and action[-1] < 0.5:
+        if self.first_close is None and action[-1] < CLOSING:
             self.first_close = self._nearest_object(ee)
         self.stages |= self.task.reached_stages(self.scene, ee, self.robot.body)
         truncated = self.steps >= self.max_steps and not success
@@ -259,7 +260,7 @@ class TabletopEnv(gym.Env):
             "steps": self.steps,
             "target": self.task.target.name,
             "touched": self.touched,
-            # the gripper first commanded closed (opening < 0.5): the nearest object; None before
+            # the gripper first commanded closed (opening < CLOSING): the nearest object; None before
             "first_close": self.first_close,
             "stages": [stage for stage in self.task.stages if stage in self.stages],  # reached so far
         }

@@ -180,7 +180,7 @@ class RecorderNode(Node):
         episode there at a stop), for at most DRAIN_S of the stop deadline."""
         deadline = time.monotonic() + DRAIN_S
         for key in self.readers:
-            self.take(key, EARLY_LIMIT, deadline)
+            self.take(key, RECORDED[key].depth, deadline)  # a KEEP_LAST reader holds at most its depth
 
     def take(self, key: str, most: int, deadline: float = float("inf")) -> None:
         reader = self.readers[key]

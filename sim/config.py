@@ -15,11 +15,14 @@ MAX_CAMERA_JITTER = 0.1  # metres: at this the picture moves by ~20 of 96 pixels
 DISTURBANCE = 0.02  # metres: the pushes that the randomisation name "disturbance" turns on
 MAX_DISTURBANCE = 0.05  # metres: the most the hand moves in a control step (MAX_TRANSLATION)
 DISTURBANCE_SHARE = 0.2  # of the control steps that get a push
+SAME_COLOUR = 0.5  # the share of scenes that the randomisation name "same_colour" gives a twin
 # names of the domain-randomisation switches; `all` turns on the visual ones
 VISUAL_RANDOMIZATIONS = ("lighting", "shades", "jitter")
-RANDOMIZATIONS = (*VISUAL_RANDOMIZATIONS, "disturbance")
-MAGNITUDES = {"jitter": ("camera_jitter", CAMERA_JITTER, MAX_CAMERA_JITTER),
-              "disturbance": ("disturbance", DISTURBANCE, MAX_DISTURBANCE)}
+RANDOMIZATIONS = (*VISUAL_RANDOMIZATIONS, "disturbance", "same_colour")
+# name: (SimConfig field, value the bare name sets, largest value, unit)
+MAGNITUDES = {"jitter": ("camera_jitter", CAMERA_JITTER, MAX_CAMERA_JITTER, "metres"),
+              "disturbance": ("disturbance", DISTURBANCE, MAX_DISTURBANCE, "metres"),
+              "same_colour": ("same_colour", SAME_COLOUR, 1.0, "(a share of scenes)")}
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,10 @@ class SimConfig:
     # scripted expert's demonstrations hold its corrections (and its retries after an empty grasp).
     # The action recorded and returned in info["action"] stays the command; 0: none.
     disturbance: float = 0.0
+    # The share of scenes in which a distractor takes the target's colour and another shape (a ball
+    # or cylinder beside a cube; in place, a bin of the cube's colour where neither has it), so that
+    # only the shape tells them apart; drawn from a stream of its own: the rest of the scene stays.
+    same_colour: float = 0.0
     colours: tuple[str, ...] = tuple(COLOURS)
     max_steps: int = 0  # 0: the task's own limit
     # Which phrasings instructions are drawn from (sim.language): "train" for data and training,
@@ -80,6 +87,8 @@ class SimConfig:
         if not 0 <= self.disturbance <= MAX_DISTURBANCE:
             raise ValueError(f"SimConfig.disturbance must be in [0, {MAX_DISTURBANCE}] metres, "
                              f"got {self.disturbance!r}")
+        if not 0 <= self.same_colour <= 1:
+            raise ValueError(f"SimConfig.same_colour must be a share in [0, 1], got {self.same_colour!r}")
         if self.max_steps < 0:
             raise ValueError(f"SimConfig.max_steps must be >= 0, got {self.max_steps!r}")
         object.__setattr__(self, "colours", tuple(self.colours))
@@ -107,30 +116,31 @@ class SimConfig:
 def randomization(spec: str) -> dict:
     """SimConfig settings for comma-separated randomisation names: `lighting`, `shades`, `jitter`
     (CAMERA_JITTER metres) or `jitter=METRES`, `disturbance` (DISTURBANCE metres) or
-    `disturbance=METRES`; `all` for every visual one, `none` or "" for none.
+    `disturbance=METRES`, `same_colour` (SAME_COLOUR of the scenes) or `same_colour=SHARE`; `all`
+    for every visual one, `none` or "" for none.
     `SimConfig(**randomization("lighting,jitter=0.03"))`."""
     switches = {
         "lighting": {"randomize_lighting": True},
         "shades": {"randomize_shades": True},
-        **{name: {key: default} for name, (key, default, _) in MAGNITUDES.items()},
+        **{name: {key: default} for name, (key, default, *_) in MAGNITUDES.items()},
     }
     settings: dict = {}
     for item in (part.strip() for part in spec.split(",")):
         name, sep, value = item.partition("=")
         if name in MAGNITUDES and sep:
-            key, default, most = MAGNITUDES[name]
+            key, default, most, unit = MAGNITUDES[name]
             try:
-                metres = float(value)
+                amount = float(value)
             except ValueError:
-                metres = math.nan
-            if not 0 <= metres <= most:
-                raise ValueError(f"{item!r}: expected 0 to {most} metres, e.g. {name}={default}")
-            settings[key] = metres
+                amount = math.nan
+            if not 0 <= amount <= most:
+                raise ValueError(f"{item!r}: expected 0 to {most} {unit}, e.g. {name}={default}")
+            settings[key] = amount
         elif not sep and name in (*switches, "all"):
             for switch in VISUAL_RANDOMIZATIONS if name == "all" else (name,):
                 for key, default in switches[switch].items():
                     settings.setdefault(key, default)  # an explicit jitter=METRES stays
         elif sep or name not in ("", "none"):
             raise ValueError(f"unknown randomisation {item!r}; choose from {', '.join(RANDOMIZATIONS)} "
-                             "(jitter=METRES, disturbance=METRES for another magnitude), all or none")
+                             "(jitter=METRES, disturbance=METRES, same_colour=SHARE for another amount), all or none")
     return settings

@@ -32,7 +32,7 @@ START_LOW, START_HIGH = np.array([0.35, -0.15, 0.18]), np.array([0.55, 0.15, 0.3
 # objects, instruction, IMU), each derived from the seed alone, so that a randomisation switch
 # never changes what another draws: a seed means the same scene whatever the switches. ("takeover":
 # the step vla collect's scripted expert takes over from a checkpoint, --expert-takeover.)
-STREAMS = {"shades": 1, "camera": 2, "lighting": 3, "language": 4, "disturbance": 5, "takeover": 6}
+STREAMS = {"shades": 1, "camera": 2, "lighting": 3, "language": 4, "disturbance": 5, "takeover": 6, "same_colour": 7}
 RESET_OPTIONS = ("instruction",)
 CLOSING = 0.5  # a gripper command (opening, 1 open) below this closes the hand: info["first_close"]
 
@@ -157,7 +157,8 @@ class TabletopEnv(gym.Env):
         if cfg.randomize_start:
             self.robot.reset_to(*start)
         shades = stream(self.episode_seed, "shades") if cfg.randomize_shades else None
-        self.task.build(self.scene, rng, list(cfg.colours), shades)
+        twin = stream(self.episode_seed, "same_colour")
+        self.task.build(self.scene, rng, list(cfg.colours), shades, twin if twin.random() < cfg.same_colour else None)
         self.instruction = language.instruction(self.task.name, self.task.words, cfg.phrasing,
                                                 stream(self.episode_seed, "language"))
         jitter = np.zeros((2, 3))

@@ -1,7 +1,9 @@
 """Language-conditioned tasks: each builds its scene, names what the instruction must say (its
 words: sim.language phrases them) and judges success.
 
-Every task puts objects of other colours beside the one it names, so the instruction matters.
+Every task puts objects of other colours beside the one it names, so the instruction matters; with
+SimConfig.same_colour, a share of scenes also hold a distractor of the target's colour and another
+shape (a bin, in place), so that only the shape tells them apart.
 """
 from __future__ import annotations
 
@@ -39,9 +41,12 @@ class Task:
         # (place), direction and place, its plain phrase (push); sim.language phrases them.
         self.words: dict[str, str] = {}
 
-    def build(self, scene: Scene, rng: np.random.Generator, colours, shades: np.random.Generator | None) -> None:
+    def build(self, scene: Scene, rng: np.random.Generator, colours, shades: np.random.Generator | None,
+              twin: np.random.Generator | None = None) -> None:
         """Add the task's objects to the scene and set self.target and self.words. Objects' colours
-        are shaded with `shades`, a stream of their own (None: exact colours)."""
+        are shaded with `shades`, a stream of their own (None: exact colours). With `twin` (a stream
+        of its own, so that the rest of the seed's scene stays), a distractor takes the target's
+        colour and another shape."""
         raise NotImplementedError
 
     def success(self, scene: Scene, ee_position: np.ndarray, gripper_body: int) -> bool:
@@ -65,30 +70,38 @@ class Task:
         return now
 
 
-def _cubes(scene, rng, colours, shades, positions) -> list[SceneObject]:
-    chosen = rng.choice(len(colours), size=len(positions), replace=False)
+def _distinct(rng, colours, n: int) -> list[str]:
+    return [colours[i] for i in rng.choice(len(colours), size=n, replace=False)]
+
+
+def _cubes(scene, rng, shades, positions, chosen: list[str], twin=None) -> list[SceneObject]:
+    """Cubes of the `chosen` colours at `positions`, the first the target; with `twin`, the second
+    is a ball or cylinder of the target's colour."""
+    shapes = ["cube"] * len(positions)
+    if twin is not None:
+        chosen[1], shapes[1] = chosen[0], _other_shape("cube", twin)
     return [
-        scene.add_object("cube", colours[i], shade(colours[i], shades), xy, rng.uniform(-np.pi / 4, np.pi / 4))
-        for i, xy in zip(chosen, positions)
+        scene.add_object(shape, colour, shade(colour, shades), xy, rng.uniform(-np.pi / 4, np.pi / 4))
+        for shape, colour, xy in zip(shapes, chosen, positions)
     ]
+
+
+def _other_shape(shape: str, twin: np.random.Generator) -> str:
+    others = [s for s in SHAPES if s != shape]
+    return others[twin.integers(len(others))]
 
 
 class Reach(Task):
     name, max_steps = "reach", 40
 
-    def build(self, scene, rng, colours, shades):
+    def build(self, scene, rng, colours, shades, twin=None):
         positions = sample_positions(rng, 3, 0.1)
-        chosen = rng.choice(len(colours), size=3, replace=False)
-        objects = [
-            scene.add_object(
-                SHAPES[rng.integers(len(SHAPES))],
-                colours[i],
-                shade(colours[i], shades),
-                xy,
-                rng.uniform(-np.pi, np.pi),
-            )
-            for i, xy in zip(chosen, positions)
-        ]
+        objects = []
+        for colour, xy in zip(_distinct(rng, colours, 3), positions):
+            shape = SHAPES[rng.integers(len(SHAPES))]
+            if twin is not None and len(objects) == 1:
+                shape, colour = _other_shape(objects[0].shape, twin), objects[0].colour
+            objects.append(scene.add_object(shape, colour, shade(colour, shades), xy, rng.uniform(-np.pi, np.pi)))
         self.target = objects[0]
         self.words = {"colour": self.target.colour, "shape": self.target.shape}
 
@@ -101,8 +114,9 @@ class Pick(Task):
     stages = ("touched", "lifted")
     LIFT = 0.06
 
-    def build(self, scene, rng, colours, shades):
-        self.target = _cubes(scene, rng, colours, shades, sample_positions(rng, 3, 0.1))[0]
+    def build(self, scene, rng, colours, shades, twin=None):
+        positions = sample_positions(rng, 3, 0.1)
+        self.target = _cubes(scene, rng, shades, positions, _distinct(rng, colours, 3), twin)[0]
         self.words = {"colour": self.target.colour, "shape": "cube"}
 
     def success(self, scene, ee_position, gripper_body):
@@ -114,7 +128,7 @@ class Push(Task):
     GOAL_TOLERANCE = 0.04
     stages = ("halfway",)  # the hand pushes without holding: contact comes and goes within a step
 
-    def build(self, scene, rng, colours, shades):
+    def build(self, scene, rng, colours, shades, twin=None):
         while True:
             positions = sample_positions(rng, 3, 0.1)
             direction = list(PUSH_DIRECTIONS)[rng.integers(len(PUSH_DIRECTIONS))]
@@ -124,7 +138,7 @@ class Push(Task):
             if self._clear(goal, behind, positions[1:]):
                 break
         self.goal, self.direction = goal, unit
-        self.target = _cubes(scene, rng, colours, shades, positions)[0]
+        self.target = _cubes(scene, rng, shades, positions, _distinct(rng, colours, 3), twin)[0]
         self._add_goal_marker(scene, goal)
         place = "to the " + direction if direction in ("left", "right") else direction
         self.words = {"colour": self.target.colour, "shape": "cube", "direction": direction, "place": place}
@@ -156,15 +170,17 @@ class Place(Task):
     name, max_steps = "place", 100
     stages = ("touched", "lifted", "over bin")
 
-    def build(self, scene, rng, colours, shades):
+    def build(self, scene, rng, colours, shades, twin=None):
         # The region every task uses: the scene camera sees all of it (a wider one put cubes and bins
         # at the image border in 12 % of episodes).
         positions = sample_positions(rng, 5, 0.13)
-        bin_colours = rng.choice(len(colours), size=2, replace=False)
-        bins = [
-            scene.add_bin(colours[i], shade(colours[i], shades), xy) for i, xy in zip(bin_colours, positions[:2])
-        ]
-        self.target = _cubes(scene, rng, colours, shades, positions[2:])[0]
+        bin_colours, cube_colours = _distinct(rng, colours, 2), _distinct(rng, colours, 3)
+        # Bins and cubes are coloured apart: a bin shares the cube's colour in 1 of 3 scenes; with
+        # `twin`, one bin (either) takes it where none has it.
+        if twin is not None and cube_colours[0] not in bin_colours:
+            bin_colours[twin.integers(2)] = cube_colours[0]
+        bins = [scene.add_bin(colour, shade(colour, shades), xy) for colour, xy in zip(bin_colours, positions[:2])]
+        self.target = _cubes(scene, rng, shades, positions[2:], cube_colours)[0]
         self.bin = bins[0]
         self.words = {"colour": self.target.colour, "shape": "cube", "bin_colour": self.bin.colour}
 

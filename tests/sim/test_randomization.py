@@ -6,7 +6,7 @@ import pybullet as p
 import pytest
 
 from sim import TASKS, SimConfig, make_env
-from sim.config import CAMERA_JITTER, DISTURBANCE, MAX_CAMERA_JITTER, MAX_DISTURBANCE, randomization
+from sim.config import CAMERA_JITTER, DISTURBANCE, MAX_CAMERA_JITTER, MAX_DISTURBANCE, SAME_COLOUR, randomization
 from sim.expert import ScriptedExpert
 from sim.scene import COLOURS, SHADE_JITTER
 
@@ -106,6 +106,8 @@ def test_randomised_quantities_vary_with_the_seed_and_repeat_with_it():
     ("all,jitter=0.01", {"randomize_lighting": True, "randomize_shades": True, "camera_jitter": 0.01}),
     ("jitter=0.01,all", {"randomize_lighting": True, "randomize_shades": True, "camera_jitter": 0.01}),
     ("disturbance", {"disturbance": DISTURBANCE}),
+    ("same_colour", {"same_colour": SAME_COLOUR}),
+    ("shades,same_colour=1", {"randomize_shades": True, "same_colour": 1.0}),
     ("all, disturbance=0.03", {"randomize_lighting": True, "randomize_shades": True, "camera_jitter": CAMERA_JITTER,
                                "disturbance": 0.03}),
 ])
@@ -121,6 +123,7 @@ def test_randomization_names(spec, settings):
     ("jitter=-0.01", "expected 0 to"),
     (f"jitter={2 * MAX_CAMERA_JITTER}", "expected 0 to"),
     (f"disturbance={2 * MAX_DISTURBANCE}", "expected 0 to"),
+    ("same_colour=1.5", r"expected 0 to 1.0 \(a share of scenes\)"),
 ])
 def test_randomization_refuses_what_it_does_not_know(spec, message):
     with pytest.raises(ValueError, match=message):
@@ -177,3 +180,40 @@ def test_the_expert_corrects_pushes():
     finally:
         env.close()
     assert successes >= 4
+
+
+@pytest.mark.parametrize("share", [-0.1, 1.5, float("nan")])
+def test_same_colour_out_of_range_fails_clearly(share):
+    with pytest.raises(ValueError, match="same_colour must be a share"):
+        SimConfig(same_colour=share)
+
+
+def twins(objects: list[tuple[str, tuple]]) -> list[str]:
+    """The objects other than the first (the target; in place, after the two bins) of its colour."""
+    names = [name for name, _ in objects]
+    target = names[2] if names[0].endswith(" bin") else names[0]
+    return [n for n in names if n != target and n.split()[0] == target.split()[0]]
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_same_colour_gives_the_target_a_twin_of_another_shape_and_keeps_the_scene(task):
+    plain, twinned = make_env(task), make_env(task, SimConfig(same_colour=1.0))
+    for seed in range(4):
+        base, ep = episode(plain, seed), episode(twinned, seed)
+        assert ep["target"] == base["target"] and ep["obs"]["instruction"] == base["obs"]["instruction"]
+        places = [np.array([xyz[:2] for _, xyz in e["objects"]]) for e in (base, ep)]
+        np.testing.assert_allclose(*places, atol=1e-4)  # settled by the physics: not to the bit
+        if task != "place":  # objects of their own colours, but for one of another shape
+            assert twins(base["objects"]) == []
+            (twin,) = twins(ep["objects"])
+            assert twin.split()[1] != ep["target"].split()[1]
+        else:  # a bin of the cube's colour
+            assert [n.endswith(" bin") for n in twins(ep["objects"])] == [True]
+    plain.close(), twinned.close()
+
+
+def test_same_colour_is_a_share_of_the_scenes():
+    env = make_env("reach", SimConfig(same_colour=SAME_COLOUR))
+    count = sum(bool(twins(episode(env, seed)["objects"])) for seed in range(40))
+    env.close()
+    assert 10 <= count <= 30  # 20 expected: binomial(40, 0.5) stays in 10..30 but for ~1e-3

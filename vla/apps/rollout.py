@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from policies import load_policy
 from sim import TASKS, SimConfig, make_env
-from sim.config import CAMERA_JITTER, DISTURBANCE, randomization
+from sim.config import CAMERA_JITTER, DISTURBANCE, SAME_COLOUR, randomization
 from sim.language import SPLITS
 from vla.apps.video import annotate, grid, write_video
 from vla.contracts.observation import ObservationSpec
@@ -228,7 +228,9 @@ def add_randomize_argument(parser: argparse.ArgumentParser) -> None:
         metavar="NAMES",
         help="domain randomisation, comma-separated: lighting, shades (object colours), jitter (camera, "
         f"{CAMERA_JITTER} m; jitter=METRES for another magnitude), all (those three) or disturbance (pushes "
-        f"on the hand's motion, {DISTURBANCE} m; disturbance=METRES). A seed keeps its scene either way",
+        f"on the hand's motion, {DISTURBANCE} m; disturbance=METRES), same_colour (in {100 * SAME_COLOUR:.0f} %% of "
+        "scenes a distractor of the target's colour and another shape; same_colour=SHARE). A seed keeps its "
+        "scene either way (same_colour: its objects' places)",
     )
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from vla.contracts.observation import STATE_SLICES
 from vla.model import ModelConfig
 from vla.runtime import torch_runtime
 
@@ -31,6 +32,8 @@ def test_model_config_validation():
         ModelConfig(vision="vit", vision_film=False, token_merge=2)
     with pytest.raises(ValueError, match="film_text"):
         ModelConfig(film_text="lstm")
+    with pytest.raises(ValueError, match="film_gripper needs vision_film"):
+        ModelConfig(vision="vit", vision_film=False, film_gripper=True)
 
 
 def test_tiny_model_overfits_with_both_decoders(tiny_model, training_batch):
@@ -115,6 +118,27 @@ def test_film_condition_sees_word_order_only_when_convolved(tiny_model, observat
     image = inputs["text_ids"][0] == model.ids.placeholders["image"]  # the image tokens, FiLM-conditioned
     assert image.sum() == model.config.image_tokens
     assert torch.allclose(embeds[0, image], embeds[1, image], atol=1e-6) == (film_text == "mean")
+
+
+@pytest.mark.parametrize("film_gripper", [False, True])
+def test_film_gripper_conditions_the_image_on_the_gripper_width(tiny_model, observations, film_gripper):
+    """Open fingers and fingers holding a cube give different image tokens with film_gripper (once
+    trained: FiLM starts as the identity), the same without it (the width then reaches the LM
+    through the state token alone)."""
+    model, processor = tiny_model(film_gripper=film_gripper)
+    with torch.no_grad():
+        for film in model.image_encoder.convs.films:
+            film.weight.normal_(0, 0.5)
+        if film_gripper:
+            model.gripper_condition[2].weight.normal_(0, 0.5)
+    obs = observations(1)[0]
+    states = [obs["state"].copy() for _ in range(2)]
+    states[0][STATE_SLICES["gripper_width"]], states[1][STATE_SLICES["gripper_width"]] = 0.08, 0.04
+    inputs = processor.inputs([{**obs, "state": state} for state in states])
+    with torch.no_grad():
+        embeds = model.embed_prefix(**inputs)[0]
+    image = inputs["text_ids"][0] == model.ids.placeholders["image"]
+    assert torch.allclose(embeds[0, image], embeds[1, image], atol=1e-6) != film_gripper
 
 
 def test_sensors_follow_the_prompt(tiny_model, training_batch):

@@ -56,6 +56,10 @@ class ModelConfig:
     # = "blue cube in the red bin"); "conv", the mean of a width-3 convolution over the text
     # embeddings (a bag of word triples: "red cube" and "blue bin" stay apart).
     film_text: str = "mean"
+    # The FiLM condition also holds the gripper's width (from the state: open, holding a cube, or
+    # closed on nothing), so that the convolutions can look for the object while the hand is empty
+    # and for the destination once it holds it (place's phases).
+    film_gripper: bool = False
     # ---- language model ----
     # Built from a transformers config of this model type and trained from scratch, unless
     # `pretrained` names a local directory holding a causal LM or, with vision: vlm, a VLM
@@ -105,6 +109,8 @@ class ModelConfig:
             raise ValueError("ModelConfig.token_merge needs vision: cnn")
         if self.film_text not in FILM_TEXT:
             raise ValueError(f"ModelConfig.film_text must be one of {FILM_TEXT}, got {self.film_text!r}")
+        if self.film_gripper and not (self.vision_film and "state" in self.sensors):
+            raise ValueError("ModelConfig.film_gripper needs vision_film and the state in the prompt")
         if self.vision_film and self.vision not in ("cnn", "keypoints"):
             raise ValueError("ModelConfig.vision_film needs a convolutional encoder (vision: cnn or keypoints)")
         if self.execution not in EXECUTIONS:

@@ -43,7 +43,7 @@ from transformers import (
 )
 
 from vla.contracts.action import ACTION_DIM
-from vla.contracts.observation import IMU_CHANNELS
+from vla.contracts.observation import IMU_CHANNELS, STATE_SLICES
 from vla.model.config import FROM_SCRATCH_VISION, ModelConfig
 from vla.model.encoders import ImageEncoder, PretrainedImageEncoder, VectorEncoder
 from vla.model.text import TokenIds, load_pretrained_tokenizer
@@ -88,6 +88,14 @@ def lm_from_config(lm_config: PretrainedConfig) -> PreTrainedModel:
     return auto.from_config(lm_config, dtype=torch.float32)
 
 
+def gripper_condition(hidden: int) -> nn.Sequential:
+    """The gripper's width [B, 1] -> an addition to the FiLM condition [B, hidden], zero at first."""
+    mlp = nn.Sequential(nn.Linear(1, 32), nn.GELU(), nn.Linear(32, hidden))
+    nn.init.zeros_(mlp[2].weight)
+    nn.init.zeros_(mlp[2].bias)
+    return mlp
+
+
 class VLAModel(nn.Module):
     """`stats`: the state, IMU (and, for a pretrained image encoder, image) normalisation statistics
     (mean, std per channel); `ids`: the special token ids of the tokenizer the model was built with;
@@ -128,6 +136,7 @@ class VLAModel(nn.Module):
         )
         film_conv = config.vision_film and config.film_text == "conv"
         self.text_condition = nn.Conv1d(hidden, hidden, 3, padding=1) if film_conv else None
+        self.gripper_condition = gripper_condition(hidden) if config.film_gripper else None
         if "parallel" in config.decoders:
             self.action_queries = nn.Parameter(torch.randn(config.action_tokens, hidden) * 0.02)
         # how the LM's family takes positions and masks (VLMs as they were pretrained)
@@ -173,7 +182,10 @@ class VLAModel(nn.Module):
             words = embeds * is_text
             if self.text_condition is not None:  # [B, L, D] -> word triples [B, L, D]
                 words = F.gelu(self.text_condition(words.transpose(1, 2))).transpose(1, 2) * is_text
-            film = (words.sum(1) / is_text.sum(1).clamp(min=1.0),)
+            condition = words.sum(1) / is_text.sum(1).clamp(min=1.0)
+            if self.gripper_condition is not None:  # width / 0.08 m: 1 open, ~0.5 holding a cube, 0 closed
+                condition = condition + self.gripper_condition(state[:, STATE_SLICES["gripper_width"]].float() / 0.08)
+            film = (condition,)
         encoders = {
             "image": lambda: self.image_encoder(image, *film),
             "wrist_image": lambda: (self.wrist_encoder or self.image_encoder)(wrist_image, *film),

@@ -81,14 +81,10 @@ class SimConfig:
             raise ValueError("SimConfig.colours needs at least 3 distinct colours (tasks use distractors)")
         if self.phrasing not in SPLITS:
             raise ValueError(f"SimConfig.phrasing must be one of {SPLITS}, got {self.phrasing!r}")
-        if not 0 <= self.camera_jitter <= MAX_CAMERA_JITTER:
-            raise ValueError(f"SimConfig.camera_jitter must be in [0, {MAX_CAMERA_JITTER}] metres, "
-                             f"got {self.camera_jitter!r}")
-        if not 0 <= self.disturbance <= MAX_DISTURBANCE:
-            raise ValueError(f"SimConfig.disturbance must be in [0, {MAX_DISTURBANCE}] metres, "
-                             f"got {self.disturbance!r}")
-        if not 0 <= self.same_colour <= 1:
-            raise ValueError(f"SimConfig.same_colour must be a share in [0, 1], got {self.same_colour!r}")
+        for key, _, most, unit in MAGNITUDES.values():
+            value = getattr(self, key)
+            if not 0 <= value <= most:
+                raise ValueError(f"SimConfig.{key} must be in [0, {most}] {unit}, got {value!r}")
         if self.max_steps < 0:
             raise ValueError(f"SimConfig.max_steps must be >= 0, got {self.max_steps!r}")
         object.__setattr__(self, "colours", tuple(self.colours))

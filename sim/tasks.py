@@ -77,7 +77,7 @@ def _distinct(rng, colours, n: int) -> list[str]:
 def _cubes(scene, rng, shades, positions, chosen: list[str], twin=None) -> list[SceneObject]:
     """Cubes of the `chosen` colours at `positions`, the first the target; with `twin`, the second
     is a ball or cylinder of the target's colour."""
-    shapes = ["cube"] * len(positions)
+    chosen, shapes = list(chosen), ["cube"] * len(positions)
     if twin is not None:
         chosen[1], shapes[1] = chosen[0], _other_shape("cube", twin)
     return [

@@ -184,7 +184,7 @@ def test_the_expert_corrects_pushes():
 
 @pytest.mark.parametrize("share", [-0.1, 1.5, float("nan")])
 def test_same_colour_out_of_range_fails_clearly(share):
-    with pytest.raises(ValueError, match="same_colour must be a share"):
+    with pytest.raises(ValueError, match=r"same_colour must be in \[0, 1.0\] \(a share of scenes\)"):
         SimConfig(same_colour=share)
 
 

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 
 # ---- proprioceptive state -------------------------------------------------------------------
+GRIPPER_WIDTH_MAX = 0.08  # metres between the Panda's fingers, fully open
 STATE_LAYOUT = (
     ("joint_positions", 7),  # Panda joints 1..7 [rad]
-    ("gripper_width", 1),  # distance between the fingers [m], 0 .. 0.08
+    ("gripper_width", 1),  # distance between the fingers [m], 0 .. GRIPPER_WIDTH_MAX
     ("ee_position", 3),  # grasp point between the fingertips, base frame [m]
     ("ee_quaternion", 4),  # its orientation, base frame, (x, y, z, w)
 )

@@ -43,7 +43,7 @@ from transformers import (
 )
 
 from vla.contracts.action import ACTION_DIM
-from vla.contracts.observation import IMU_CHANNELS, STATE_SLICES
+from vla.contracts.observation import GRIPPER_WIDTH_MAX, IMU_CHANNELS, STATE_SLICES
 from vla.model.config import FROM_SCRATCH_VISION, ModelConfig
 from vla.model.encoders import ImageEncoder, PretrainedImageEncoder, VectorEncoder
 from vla.model.text import TokenIds, load_pretrained_tokenizer
@@ -183,8 +183,9 @@ class VLAModel(nn.Module):
             if self.text_condition is not None:  # [B, L, D] -> word triples [B, L, D]
                 words = F.gelu(self.text_condition(words.transpose(1, 2))).transpose(1, 2) * is_text
             condition = words.sum(1) / is_text.sum(1).clamp(min=1.0)
-            if self.gripper_condition is not None:  # width / 0.08 m: 1 open, ~0.5 holding a cube, 0 closed
-                condition = condition + self.gripper_condition(state[:, STATE_SLICES["gripper_width"]].float() / 0.08)
+            if self.gripper_condition is not None:  # 1 open, ~0.5 holding a cube, 0 closed on nothing
+                width = state[:, STATE_SLICES["gripper_width"]].float() / GRIPPER_WIDTH_MAX
+                condition = condition + self.gripper_condition(width)
             film = (condition,)
         encoders = {
             "image": lambda: self.image_encoder(image, *film),

@@ -63,6 +63,7 @@ from vla.runtime import load_runtime, torch_runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CHECKPOINT = ROOT / "policies" / "checkpoints" / "default"
+LEGACY_CHECKPOINT = ROOT / "policies" / "checkpoints" / "reach-quickstart"  # format 1, before film_text
 MAX_ERROR = 1000  # characters of an error message
 FAMILIES = {"episode": 0.55, "dataset": 0.15, "checkpoint": 0.08, "runtime": 0.22}
 GOOD = {"error", "skip", "same", "valid"}
@@ -497,7 +498,7 @@ def malformed_observations(rng: random.Random):
 class Fixtures:
     """The undamaged originals every case starts from (copied before damage), and their reference
     results: a dataset of sim episodes with its training cache, a checkpoint saved by this code and
-    the shipped default checkpoint (an older one without checksums), and runtimes."""
+    an older shipped checkpoint (reach-quickstart), and runtimes of the default."""
 
     def __init__(self, work: Path, dataset: Path | None = None, families=tuple(FAMILIES)):
         self.work = work
@@ -509,7 +510,7 @@ class Fixtures:
             self.index_digest = index_digest(self.dataset)[0]
         if {"checkpoint", "runtime"} & set(families):
             self.checkpoint = self._checkpoint(work / "checkpoint")
-            self.legacy_checkpoint = Path(shutil.copytree(DEFAULT_CHECKPOINT, work / "default"))
+            self.legacy_checkpoint = Path(shutil.copytree(LEGACY_CHECKPOINT, work / "legacy"))
             self.checkpoint_actions = {p.name: self._predict(p) for p in (self.checkpoint, self.legacy_checkpoint)}
             self.runtimes = {backend: load_runtime(DEFAULT_CHECKPOINT, backend, "cpu", threads=1)
                              for backend in ("torch", "onnx")}

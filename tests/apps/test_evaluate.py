@@ -107,7 +107,7 @@ def test_vla_eval_warns_about_words_the_model_was_not_trained_on(tmp_path, capsy
 
 def test_vla_eval_reports_the_stages_a_policy_reached(tmp_path, capsys):
     """Where a multi-stage task fails: the share of episodes that reached each stage, from the
-    episodes' own stages, printed and in the report (pick, with a policy trained on reach only)."""
+    episodes' own stages, printed and in the report (pick)."""
     checkpoint = CHECKPOINT_DIR / "default"
     if not checkpoint.is_dir():
         pytest.skip(f"no shipped checkpoint at {checkpoint}")

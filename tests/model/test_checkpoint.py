@@ -11,11 +11,12 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from policies import CHECKPOINT_DIR
 from vla.model import ModelConfig, create
 from vla.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from vla.model.text import build_tokenizer
 from vla.model.vlm import BackboneError
-from vla.runtime import torch_runtime
+from vla.runtime import load_runtime, torch_runtime
 
 CORPUS = ["touch the red cube", "reach the blue ball", "pick up the green cube"]
 
@@ -178,8 +179,8 @@ def test_corrupt_or_mismatched_checkpoints_fail_clearly(saved, tmp_path, damage,
 
 
 def test_checkpoints_without_a_checksum_and_with_another_dtype_load(saved, tmp_path, observations):
-    """Checkpoints saved before the weights' checksum (policies/checkpoints/default is one) still load;
-    a dtype in the LM config does not change the float32 model that is built."""
+    """Checkpoints saved before the weights' checksum still load; a dtype in the LM config does not
+    change the float32 model that is built."""
     model, processor, _ = saved
     path = copy_of(saved, tmp_path)
     _edit_config(path, lambda m: (m.pop("weights_sha256"), m["lm_config"].update(dtype="float16")))
@@ -188,6 +189,17 @@ def test_checkpoints_without_a_checksum_and_with_another_dtype_load(saved, tmp_p
     obs = observations(2)
     expected = torch_runtime(model, processor).predict(obs)
     np.testing.assert_array_equal(torch_runtime(loaded, loaded_processor).predict(obs), expected)
+
+
+def test_the_reach_checkpoint_shipped_before_the_four_task_default_still_acts(observations):
+    """Old checkpoints keep loading: the reach policy that was policies/checkpoints/default until
+    2026-12-01 (saved before film_text and film_gripper existed) acts, in torch and ONNX alike."""
+    old = CHECKPOINT_DIR / "reach-quickstart"
+    assert "film_text" not in json.loads((old / "config.json").read_text())["model"]
+    obs = observations(4)
+    actions = {backend: load_runtime(old, backend, "cpu", threads=1).predict(obs) for backend in ("torch", "onnx")}
+    assert actions["torch"].shape == (4, 4, 7) and np.all(np.isfinite(actions["torch"]))
+    np.testing.assert_array_equal(actions["torch"], actions["onnx"])
 
 
 def test_not_a_directory(tmp_path):

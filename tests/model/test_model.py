@@ -34,12 +34,16 @@ def test_model_config_validation():
         ModelConfig(film_text="lstm")
     with pytest.raises(ValueError, match="film_gripper needs vision_film"):
         ModelConfig(vision="vit", vision_film=False, film_gripper=True)
+    with pytest.raises(ValueError, match="action_queries"):
+        ModelConfig(action_queries="dimension")
 
 
-def test_tiny_model_overfits_with_both_decoders(tiny_model, training_batch):
+@pytest.mark.parametrize("queries", ["token", "step"])
+def test_tiny_model_overfits_with_both_decoders(tiny_model, training_batch, queries):
     """Both decoders train on the same weights and tokens; after overfitting, greedy decoding
-    (parallel: one pass; autoregressive: KV cache) reproduces the training actions."""
-    model, processor = tiny_model(decoders=("parallel", "autoregressive"))
+    (parallel: one pass, with a query per action token or per chunk step; autoregressive: KV cache)
+    reproduces the training actions."""
+    model, processor = tiny_model(decoders=("parallel", "autoregressive"), action_queries=queries)
     batch, obs, actions = training_batch(processor, 8)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(80):

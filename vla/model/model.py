@@ -138,7 +138,10 @@ class VLAModel(nn.Module):
         self.text_condition = nn.Conv1d(hidden, hidden, 3, padding=1) if film_conv else None
         self.gripper_condition = gripper_condition(hidden) if config.film_gripper else None
         if "parallel" in config.decoders:
-            self.action_queries = nn.Parameter(torch.randn(config.action_tokens, hidden) * 0.02)
+            self.action_queries = nn.Parameter(torch.randn(config.query_positions, hidden) * 0.02)
+            # "step": each query's output -> the states of its step's ACTION_DIM action tokens
+            per_step = config.action_queries == "step"
+            self.action_unfold = nn.Linear(hidden, ACTION_DIM * hidden) if per_step else None
         # how the LM's family takes positions and masks (VLMs as they were pretrained)
         family = lm.config.model_type
         self.first_position = 1 if family == "paligemma" else 0  # PaliGemma counts positions from 1
@@ -261,7 +264,10 @@ class VLAModel(nn.Module):
     def _parallel_logits(self, prefix) -> torch.Tensor:
         queries = self.action_queries.unsqueeze(0).expand(prefix[0].shape[0], -1, -1)
         hidden, _ = self._run_lm(*self._append(prefix, queries))
-        return self._action_logits(hidden[:, -self.config.action_tokens :])
+        hidden = hidden[:, -len(self.action_queries) :]
+        if self.action_unfold is not None:  # [B, k, D] -> [B, k * 7, D], step-major like the targets
+            hidden = self.action_unfold(hidden).unflatten(-1, (ACTION_DIM, -1)).flatten(1, 2)
+        return self._action_logits(hidden)
 
     def _teacher_forced_logits(self, prefix, bins: torch.Tensor) -> torch.Tensor:
         """Autoregressive training: position <act> predicts bin 0, action token i predicts bin i+1."""

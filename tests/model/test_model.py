@@ -35,13 +35,13 @@ def test_model_config_validation():
     with pytest.raises(ValueError, match="film_gripper needs vision_film"):
         ModelConfig(vision="vit", vision_film=False, film_gripper=True)
     with pytest.raises(ValueError, match="action_queries"):
-        ModelConfig(action_queries="dimension")
+        ModelConfig(action_queries="step")
 
 
-@pytest.mark.parametrize("queries", ["token", "step"])
+@pytest.mark.parametrize("queries", ["token", "dimension"])
 def test_tiny_model_overfits_with_both_decoders(tiny_model, training_batch, queries):
     """Both decoders train on the same weights and tokens; after overfitting, greedy decoding
-    (parallel: one pass, with a query per action token or per chunk step; autoregressive: KV cache)
+    (parallel: one pass, with a query per action token or per action dimension; autoregressive: KV cache)
     reproduces the training actions."""
     model, processor = tiny_model(decoders=("parallel", "autoregressive"), action_queries=queries)
     batch, obs, actions = training_batch(processor, 8)

@@ -66,7 +66,7 @@ def test_onnx_matches_torch_bins_on_cpu(exported, observations):
 
 
 @pytest.mark.parametrize(
-    "options", [{"film_text": "conv"}, {"film_text": "conv", "film_gripper": True}, {"action_queries": "step"}]
+    "options", [{"film_text": "conv"}, {"film_text": "conv", "film_gripper": True}, {"action_queries": "dimension"}]
 )
 def test_onnx_export_of_model_options(tmp_path, stats, observations, options):
     torch.manual_seed(0)

@@ -88,7 +88,7 @@ def measure(config: TrainConfig, steps: int, warmup: int) -> dict:
     seconds = float(np.median(times))
     return {
         "params": sum(p.numel() for p in model.parameters()),
-        "tokens": config.model.prefix_length + config.model.query_positions,
+        "tokens": config.model.prefix_length + config.model.action_tokens,
         "samples_per_s": size / seconds,
         "gflop_per_sample": counter.get_total_flops() / size / 1e9,
     }

@@ -34,16 +34,12 @@ def test_model_config_validation():
         ModelConfig(film_text="lstm")
     with pytest.raises(ValueError, match="film_gripper needs vision_film"):
         ModelConfig(vision="vit", vision_film=False, film_gripper=True)
-    with pytest.raises(ValueError, match="action_queries"):
-        ModelConfig(action_queries="step")
 
 
-@pytest.mark.parametrize("queries", ["token", "dimension"])
-def test_tiny_model_overfits_with_both_decoders(tiny_model, training_batch, queries):
+def test_tiny_model_overfits_with_both_decoders(tiny_model, training_batch):
     """Both decoders train on the same weights and tokens; after overfitting, greedy decoding
-    (parallel: one pass, with a query per action token or per action dimension; autoregressive: KV cache)
-    reproduces the training actions."""
-    model, processor = tiny_model(decoders=("parallel", "autoregressive"), action_queries=queries)
+    (parallel: one pass; autoregressive: KV cache) reproduces the training actions."""
+    model, processor = tiny_model(decoders=("parallel", "autoregressive"))
     batch, obs, actions = training_batch(processor, 8)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(80):

@@ -15,7 +15,6 @@ VISION_ENCODERS = (*FROM_SCRATCH_VISION, "pretrained", "vlm")
 SIZE_LIMITS = {"image_size": 1024, "state_dim": 1024, "imu_window": 1000, "max_text_tokens": 512, "patch_size": 256,
                "keypoints": 1024, "vision_width": 8192, "vision_layers": 64, "hidden_size": 16384, "num_layers": 256,
                "num_heads": 256, "intermediate_size": 65536, "text_vocab_size": 1 << 20, "chunk": 256}
-ACTION_QUERIES = ("token", "dimension")
 EXECUTIONS = ("ensemble", "chunk")  # how a policy plays the action chunks (ModelConfig.execution)
 # Placeholders of the multimodal sentence; each is replaced by its sensor's projected tokens.
 SENSOR_PLACEHOLDERS = {"image": "<image>", "wrist_image": "<wrist_image>", "state": "<state>", "imu": "<imu>"}
@@ -76,11 +75,6 @@ class ModelConfig:
     chunk: int = 4  # predict this many future actions per step (more supervision per sample, too)
     action_bins: int = 256
     decoders: tuple[str, ...] = ("parallel",)  # trained decoders; the first is the default at inference
-    # The parallel decoder's queries: "token", one per action token (chunk * 7 positions for the LM);
-    # "dimension", one per action dimension, its output unfolded by a linear layer into that
-    # dimension's chunk of tokens: 7 positions, far fewer for the LM to run (one query per chunk
-    # step, each unfolded into its 7 tokens, learned much slower: all-tasks-cpu.yaml).
-    action_queries: str = "token"
     # How a policy executes the chunks (policies.vla_policy): "ensemble", a chunk every step, their
     # predictions for now averaged (ACT); "chunk", a chunk played open-loop, then the next. Part of
     # the checkpoint because the better one depends on the model: the all-task model picks 83 % with
@@ -121,8 +115,6 @@ class ModelConfig:
             raise ValueError("ModelConfig.vision_film needs a convolutional encoder (vision: cnn or keypoints)")
         if self.execution not in EXECUTIONS:
             raise ValueError(f"ModelConfig.execution must be one of {EXECUTIONS}, got {self.execution!r}")
-        if self.action_queries not in ACTION_QUERIES:
-            raise ValueError(f"ModelConfig.action_queries must be one of {ACTION_QUERIES}, got {self.action_queries!r}")
         if not 2 <= self.action_bins <= 4096:
             raise ValueError(f"ModelConfig.action_bins must be in 2..4096, got {self.action_bins}")
         self.decoders = tuple(self.decoders)
@@ -190,8 +182,3 @@ class ModelConfig:
     @property
     def action_tokens(self) -> int:
         return self.chunk * ACTION_DIM
-
-    @property
-    def query_positions(self) -> int:
-        """Positions the parallel decoder's queries add to the prefix."""
-        return ACTION_DIM if self.action_queries == "dimension" else self.action_tokens

@@ -138,10 +138,7 @@ class VLAModel(nn.Module):
         self.text_condition = nn.Conv1d(hidden, hidden, 3, padding=1) if film_conv else None
         self.gripper_condition = gripper_condition(hidden) if config.film_gripper else None
         if "parallel" in config.decoders:
-            self.action_queries = nn.Parameter(torch.randn(config.query_positions, hidden) * 0.02)
-            # "dimension": each query's output -> the states of its dimension's `chunk` action tokens
-            per_dimension = config.action_queries == "dimension"
-            self.action_unfold = nn.Linear(hidden, config.chunk * hidden) if per_dimension else None
+            self.action_queries = nn.Parameter(torch.randn(config.action_tokens, hidden) * 0.02)
         # how the LM's family takes positions and masks (VLMs as they were pretrained)
         family = lm.config.model_type
         self.first_position = 1 if family == "paligemma" else 0  # PaliGemma counts positions from 1
@@ -264,10 +261,7 @@ class VLAModel(nn.Module):
     def _parallel_logits(self, prefix) -> torch.Tensor:
         queries = self.action_queries.unsqueeze(0).expand(prefix[0].shape[0], -1, -1)
         hidden, _ = self._run_lm(*self._append(prefix, queries))
-        hidden = hidden[:, -len(self.action_queries) :]
-        if self.action_unfold is not None:  # [B, 7, D] -> [B, 7, k, D] -> [B, k * 7, D], step-major like the targets
-            hidden = self.action_unfold(hidden).unflatten(-1, (self.config.chunk, -1)).transpose(1, 2).flatten(1, 2)
-        return self._action_logits(hidden)
+        return self._action_logits(hidden[:, -self.config.action_tokens :])
 
     def _teacher_forced_logits(self, prefix, bins: torch.Tensor) -> torch.Tensor:
         """Autoregressive training: position <act> predicts bin 0, action token i predicts bin i+1."""

@@ -35,10 +35,16 @@ class Camera:
 
 
 def wrist_view(position, quaternion) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Eye, target and up of a camera on the hand looking along the fingers."""
+    """Eye, target and up of a camera on the back of the hand, looking past the fingertips.
+
+    `position` is the grasp point between the fingertips: the eye sits 12 cm behind it (a camera
+    there, at the fingertips, clips the table at its near plane and sees white at every grasp) and
+    6 cm to the side, so that the fingers frame the bottom of the picture and the object between
+    them fills a quarter of it.
+    """
     rot = np.array(p.getMatrixFromQuaternion(quaternion)).reshape(3, 3)
-    eye = np.asarray(position) + rot @ np.array([0.05, 0.0, 0.0])
-    return eye, eye + rot @ np.array([0.0, 0.0, 0.2]), rot @ np.array([1.0, 0.0, 0.0])
+    eye = np.asarray(position) + rot @ np.array([0.06, 0.0, -0.12])
+    return eye, np.asarray(position) + rot @ np.array([0.0, 0.0, 0.04]), rot @ np.array([1.0, 0.0, 0.0])
 
 
 class Imu:

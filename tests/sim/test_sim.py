@@ -6,6 +6,7 @@ import pytest
 
 from policies import load_policy
 from sim import ENV_IDS, TASKS, SimConfig, make_env
+from sim.scene import COLOURS
 from vla.contracts import MAX_TRANSLATION, STATE_DIM, state_from_joints
 
 ROLLOUT = """
@@ -81,6 +82,24 @@ def test_expert_solves_task_through_every_stage(task):
             if "lifted" in TASKS[task].stages:  # it closes the gripper at the cube first
                 assert info["first_close"]["object"] == info["target"] and info["first_close"]["distance"] < 0.02
     assert successes >= 3
+
+
+def test_the_wrist_camera_sees_the_cube_between_the_fingers_at_the_grasp():
+    """When the expert's fingers close, the target's colour fills a good share of the wrist picture,
+    in its middle (a camera at the fingertips clipped the table and saw white there)."""
+    env = make_env("pick", SimConfig(wrist_camera=True))
+    expert = load_policy("expert", env)
+    for seed in (1000, 1001):
+        obs, _ = env.reset(seed=seed)
+        expert.reset(obs["instruction"])
+        while (action := expert.act(obs))[-1] >= 0.5:  # until the expert closes the hand
+            obs, *_ = env.step(action)
+        colour = np.array(COLOURS[env.unwrapped.task.target.colour]) * 255
+        target = np.abs(obs["wrist_image"].astype(float) - colour).max(axis=-1) < 60
+        white = (obs["wrist_image"] > 240).all(axis=-1)
+        assert 0.05 < target.mean() < 0.6 and white.mean() < 0.05, (seed, target.mean(), white.mean())
+        cols = np.nonzero(target)[1]
+        assert 0.2 < cols.mean() / target.shape[1] < 0.8, (seed, cols.mean())
 
 
 @pytest.mark.parametrize("task", ["pick", "place"])

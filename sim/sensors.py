@@ -40,11 +40,11 @@ def wrist_view(position, quaternion) -> tuple[np.ndarray, np.ndarray, np.ndarray
     `position` is the grasp point between the fingertips: the eye sits 12 cm behind it (a camera
     there, at the fingertips, clips the table at its near plane and sees white at every grasp) and
     6 cm to the side, so that the fingers frame the bottom of the picture and the object between
-    them fills a quarter of it.
+    them fills the middle of it.
     """
     rot = np.array(p.getMatrixFromQuaternion(quaternion)).reshape(3, 3)
-    eye = np.asarray(position) + rot @ np.array([0.06, 0.0, -0.12])
-    return eye, np.asarray(position) + rot @ np.array([0.0, 0.0, 0.04]), rot @ np.array([1.0, 0.0, 0.0])
+    grasp = np.asarray(position)
+    return grasp + rot @ np.array([0.06, 0.0, -0.12]), grasp + rot @ np.array([0.0, 0.0, 0.04]), rot[:, 0]
 
 
 class Imu:

@@ -6,6 +6,7 @@ import pytest
 
 from policies import load_policy
 from sim import ENV_IDS, TASKS, SimConfig, make_env
+from sim.env import CLOSING
 from sim.scene import COLOURS
 from vla.contracts import MAX_TRANSLATION, STATE_DIM, state_from_joints
 
@@ -86,13 +87,13 @@ def test_expert_solves_task_through_every_stage(task):
 
 def test_the_wrist_camera_sees_the_cube_between_the_fingers_at_the_grasp():
     """When the expert's fingers close, the target's colour fills a good share of the wrist picture,
-    in its middle (a camera at the fingertips clipped the table and saw white there)."""
+    centred left to right (a camera at the fingertips clipped the table and saw white there)."""
     env = make_env("pick", SimConfig(wrist_camera=True))
     expert = load_policy("expert", env)
     for seed in (1000, 1001):
         obs, _ = env.reset(seed=seed)
         expert.reset(obs["instruction"])
-        while (action := expert.act(obs))[-1] >= 0.5:  # until the expert closes the hand
+        while (action := expert.act(obs))[-1] >= CLOSING:  # until the expert closes the hand
             obs, *_ = env.step(action)
         colour = np.array(COLOURS[env.unwrapped.task.target.colour]) * 255
         target = np.abs(obs["wrist_image"].astype(float) - colour).max(axis=-1) < 60

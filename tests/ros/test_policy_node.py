@@ -226,6 +226,19 @@ def test_a_wrist_camera_model_gets_its_inputs(ros, tmp_path, tiny_model):
     ros.spin_until(lambda: answers(twists, wrist) >= 4, 10, "commands answering frames with a wrist image")
 
 
+def test_a_language_prior_model_closes_the_loop(ros, tmp_path, tiny_model):
+    """A model that reads instructions through all-MiniLM-L6-v2 (loaded by the node from its installed
+    package, not from the checkpoint) answers the lockstep sim's frames."""
+    model = tiny_model(language_prior="all-MiniLM-L6-v2", prompt="<image><state>{instruction}", max_text_tokens=16)
+    checkpoint = save_checkpoint(tmp_path / "prior_model", *model)
+    twists, scene = ros.twists(), []
+    ros.node.create_subscription(Image, TOPICS["image"], scene.append, qos.SENSOR)
+    ros.start("policy_node", CONFIG / "policy_sim.yaml", policy=checkpoint)
+    ros.start("sim_node", CONFIG / "sim.yaml", start_delay=0.5)
+    ros.wait_active()
+    ros.spin_until(lambda: answers(twists, scene) >= 4, 60, "commands answering the sim's frames")
+
+
 def twists_on(ros, topic: str) -> list:
     twists = []
     ros.node.create_subscription(TwistStamped, topic, lambda m: twists.append((time.monotonic(), m)), qos.RELIABLE)

@@ -34,9 +34,10 @@ from vla.contracts.action import ACTION_DIM, ACTION_HIGH, ACTION_LOW
 from vla.contracts.observation import IMU_CHANNELS, IMU_LIMITS, STATE_DIM, STATE_LIMIT
 from vla.files import atomic_directory
 from vla.model.config import ModelConfig
+from vla.model.language_prior import LanguagePriorError
 from vla.model.model import VLAModel, build_lm, lm_from_config, load_backbone
 from vla.model.processor import Processor, vocabulary
-from vla.model.text import TokenIds, build_tokenizer
+from vla.model.text import build_tokenizer
 from vla.model.vlm import image_statistics, load_vision_encoder
 
 FORMAT, FORMAT_VERSION = "vla-checkpoint", 1
@@ -179,18 +180,24 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     lm_config = _lm_config(meta["lm_config"], config, config_file)
     vision_config = _vision_config(meta.get("vision_config"), config, config_file)
 
-    def build() -> tuple[VLAModel, Processor]:
+    try:
+        processor = Processor(config, stats, tokenizer, known)
+    except LanguagePriorError as exc:
+        raise CheckpointError(f"{config_file}: {exc}") from None
+    except ValueError as exc:
+        raise CheckpointError(f"{config_file}: cannot build the processor: {_quote(str(exc))}") from None
+
+    def build() -> VLAModel:
         try:
-            processor = Processor(config, stats, tokenizer, known)
-            ids = replace(TokenIds.of(tokenizer, config), action_offset=offset)
+            ids = replace(processor.ids, action_offset=offset)
             vision = AutoModel.from_config(vision_config, dtype=torch.float32) if vision_config else None
-            return VLAModel(config, stats, ids, lm_from_config(lm_config), vision), processor
+            return VLAModel(config, stats, ids, lm_from_config(lm_config), vision)
         except Exception as exc:  # transformers and torch raise many types for values they cannot build
             raise CheckpointError(f"{config_file}: cannot build the model: {_quote(str(exc))}") from None
 
     with torch.device("meta"):  # the architecture without memory
-        _check_shapes(build()[0], shapes, path / WEIGHTS_FILE)
-    model, processor = build()
+        _check_shapes(build(), shapes, path / WEIGHTS_FILE)
+    model = build()
     _load_weights(model, path / WEIGHTS_FILE)
     return model.to(device).eval(), processor
 

@@ -18,6 +18,8 @@ SIZE_LIMITS = {"image_size": 1024, "state_dim": 1024, "imu_window": 1000, "max_t
 EXECUTIONS = ("ensemble", "chunk")  # how a policy plays the action chunks (ModelConfig.execution)
 # Placeholders of the multimodal sentence; each is replaced by its sensor's projected tokens.
 SENSOR_PLACEHOLDERS = {"image": "<image>", "wrist_image": "<wrist_image>", "state": "<state>", "imu": "<imu>"}
+# Pretrained sentence encoders that can read the instruction (language_prior), and their width.
+LANGUAGE_PRIORS = {"all-MiniLM-L6-v2": 384}
 
 
 @dataclass
@@ -71,6 +73,10 @@ class ModelConfig:
     num_heads: int = 4
     intermediate_size: int = 384
     text_vocab_size: int = 512  # byte-level BPE trained on the task instructions (from scratch only)
+    # "" (the instruction's tokens are the LM's own, learned from scratch) or a pretrained sentence
+    # encoder of LANGUAGE_PRIORS: its states per word piece, projected, take the text tokens' places
+    # (vla.model.language_prior; max_text_tokens counts its word pieces).
+    language_prior: str = ""
     # ---- actions ----
     chunk: int = 4  # predict this many future actions per step (more supervision per sample, too)
     action_bins: int = 256
@@ -107,6 +113,11 @@ class ModelConfig:
                              f"got {self.token_merge!r}")
         if self.token_merge > 1 and self.vision != "cnn":
             raise ValueError("ModelConfig.token_merge needs vision: cnn")
+        if self.language_prior not in ("", *LANGUAGE_PRIORS):
+            raise ValueError(f"ModelConfig.language_prior must be '' or one of {list(LANGUAGE_PRIORS)}, "
+                             f"got {self.language_prior!r}")
+        if self.language_prior and self.pretrained:
+            raise ValueError("ModelConfig.language_prior is for a from-scratch LM (a pretrained one reads text itself)")
         if self.film_text not in FILM_TEXT:
             raise ValueError(f"ModelConfig.film_text must be one of {FILM_TEXT}, got {self.film_text!r}")
         if self.film_gripper and not (self.vision_film and "state" in self.sensors):

@@ -5,7 +5,9 @@ The sequence, always the same length for a given config:
     [prompt with sensor tokens at its placeholders] [padding] <act> [k * 7 action positions]
      "<image>x36 <state> <imu> touch the red cube"
 
-Sensor tokens come from the encoders (encoders.py), text tokens from the LM's embedding table;
+Sensor tokens come from the encoders (encoders.py), text tokens from the LM's embedding table or,
+with a language prior, from a frozen pretrained sentence encoder's states (one per <text> position,
+computed by the processor, projected here: language_prior.py);
 a from-scratch image encoder is also FiLM-conditioned on the instruction (RT-1: its mean text
 embedding, or the mean of a convolution over its embeddings, film_text), which is what made
 grounding "the red cube" in the image learnable from a few thousand demonstrations. The LM is a
@@ -44,7 +46,7 @@ from transformers import (
 
 from vla.contracts.action import ACTION_DIM
 from vla.contracts.observation import GRIPPER_WIDTH_MAX, IMU_CHANNELS, STATE_SLICES
-from vla.model.config import FROM_SCRATCH_VISION, ModelConfig
+from vla.model.config import FROM_SCRATCH_VISION, LANGUAGE_PRIORS, ModelConfig
 from vla.model.encoders import ImageEncoder, PretrainedImageEncoder, VectorEncoder
 from vla.model.text import TokenIds, load_pretrained_tokenizer
 from vla.model.vlm import MROPE_FAMILIES, VLM_FAMILIES, check_language_model, mrope_positions, vlm_image_encoder
@@ -134,6 +136,8 @@ class VLAModel(nn.Module):
             if "imu" in config.sensors
             else None
         )
+        prior = LANGUAGE_PRIORS.get(config.language_prior)
+        self.text_projection = nn.Linear(prior, hidden) if prior else None
         film_conv = config.vision_film and config.film_text == "conv"
         self.text_condition = nn.Conv1d(hidden, hidden, 3, padding=1) if film_conv else None
         self.gripper_condition = gripper_condition(hidden) if config.film_gripper else None
@@ -170,9 +174,11 @@ class VLAModel(nn.Module):
         return self
 
     # ---- the prefix: multimodal sentence -> embeddings ----------------------------------------
-    def embed_prefix(self, image, state, imu, text_ids, text_mask, wrist_image=None):
+    def embed_prefix(self, image, state, imu, text_ids, text_mask, wrist_image=None, text_features=None):
         """-> (embeddings [B, L, D], attention mask [B, L], position ids [B, L] (Qwen: [3, B, L]))."""
         embeds = self.lm.get_input_embeddings()(text_ids)
+        if self.text_projection is not None:  # the i-th <text> of a row takes the prior's i-th state
+            embeds = _fill(embeds, text_ids == self.ids.prior_text, self.text_projection(text_features))
         is_sensor = torch.zeros_like(text_mask)
         for token_id in self.ids.placeholders.values():
             is_sensor = is_sensor | (text_ids == token_id)
@@ -195,12 +201,7 @@ class VLAModel(nn.Module):
         }
         # Sensors the prompt does not name are ignored; the others in placeholder order.
         tokens = torch.cat([encoders[s]() for s in self.config.sensor_order], dim=1)
-        # The i-th placeholder position of a row takes the i-th sensor token (gather, not boolean
-        # indexing: static shapes for ONNX export and CUDA graphs).
-        slot = (is_sensor.long().cumsum(1) - 1).clamp(min=0)
-        gathered = tokens.gather(1, slot.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-        embeds = torch.where(is_sensor.unsqueeze(-1), gathered.to(embeds.dtype), embeds)
-        return embeds, text_mask, self._positions(text_ids, text_mask)
+        return _fill(embeds, is_sensor, tokens), text_mask, self._positions(text_ids, text_mask)
 
     def _positions(self, text_ids, mask) -> torch.Tensor:
         """Position ids [B, L] (padding does not shift them), or Qwen's M-RoPE ids [3, B, L]."""
@@ -269,12 +270,16 @@ class VLAModel(nn.Module):
         hidden, _ = self._run_lm(*self._append(prefix, previous))
         return self._action_logits(hidden[:, -self.config.action_tokens :])
 
-    def forward_parallel(self, image, state, imu, text_ids, text_mask, wrist_image=None) -> torch.Tensor:
+    def forward_parallel(
+        self, image, state, imu, text_ids, text_mask, wrist_image=None, text_features=None
+    ) -> torch.Tensor:
         """Pure tensor function: -> logits [B, k * 7, bins] of all action tokens in one pass."""
-        return self._parallel_logits(self.embed_prefix(image, state, imu, text_ids, text_mask, wrist_image))
+        return self._parallel_logits(
+            self.embed_prefix(image, state, imu, text_ids, text_mask, wrist_image, text_features)
+        )
 
     def generate_autoregressive(
-        self, image, state, imu, text_ids, text_mask, wrist_image=None, cache=None
+        self, image, state, imu, text_ids, text_mask, wrist_image=None, text_features=None, cache=None
     ) -> torch.Tensor:
         """Greedy RT-2 decoding: one pass over the prefix, then one token at a time with the KV
         cache (a fresh DynamicCache, or a preallocated StaticCache that is rewound and reused,
@@ -285,7 +290,7 @@ class VLAModel(nn.Module):
             for layer in cache.layers:
                 if layer.is_initialized:
                     layer.cumulative_length.zero_()  # rewind in place: no host sync, graph-safe
-        embeds, mask, positions = self.embed_prefix(image, state, imu, text_ids, text_mask, wrist_image)
+        embeds, mask, positions = self.embed_prefix(image, state, imu, text_ids, text_mask, wrist_image, text_features)
         hidden, cache = self._run_lm(embeds, mask, positions, cache=cache)
         bins = []
         for i in range(self.config.action_tokens):
@@ -299,12 +304,14 @@ class VLAModel(nn.Module):
         return torch.stack(bins, 1)
 
     # ---- training ---------------------------------------------------------------------------
-    def forward(self, image, state, imu, text_ids, text_mask, action_bins, action_mask, wrist_image=None) -> dict:
+    def forward(
+        self, image, state, imu, text_ids, text_mask, action_bins, action_mask, wrist_image=None, text_features=None
+    ) -> dict:
         """Teacher-forced losses of the configured decoders. action_bins int64[B, k, 7] (the target
         action tokens), action_mask bool[B, k] (False past the end of an episode). -> dict of scalar
         tensors: loss (their sum), loss_<decoder> and accuracy_<decoder> (of the argmax bins)."""
         text_ids, text_mask = drop_padding(text_ids, text_mask)
-        prefix = self.embed_prefix(image, state, imu, text_ids, text_mask, wrist_image)
+        prefix = self.embed_prefix(image, state, imu, text_ids, text_mask, wrist_image, text_features)
         targets = action_bins.flatten(1)  # [B, k * 7]
         weights = action_mask.repeat_interleave(ACTION_DIM, dim=1).float()
         total = weights.sum().clamp(min=1.0)
@@ -334,6 +341,14 @@ class VLAModel(nn.Module):
         if self.resolve_decoder(decoder) == "parallel":
             return self.forward_parallel(**inputs).argmax(-1)
         return self.generate_autoregressive(**inputs)
+
+
+def _fill(embeds: torch.Tensor, where: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """embeds [B, L, D] with the i-th True position of each row of `where` [B, L] taking tokens[:, i]
+    (gather, not boolean indexing: static shapes for ONNX export and CUDA graphs)."""
+    slot = (where.long().cumsum(1) - 1).clamp(min=0)
+    gathered = tokens.gather(1, slot.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+    return torch.where(where.unsqueeze(-1), gathered.to(embeds.dtype), embeds)
 
 
 def drop_padding(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

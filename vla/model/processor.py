@@ -1,6 +1,7 @@
 """The processor: the one pipeline between observations and the model's tensors, and between action
 bins and actions. It is saved with the checkpoint (config.json: the model config and the dataset's
-statistics; tokenizer.json: the text tokenizer), so training, evaluation, export validation and the
+statistics; tokenizer.json: the text tokenizer; a language prior's encoder comes from its installed
+package), so training, evaluation, export validation and the
 ROS node all feed the model the same pixels and tokens and read the same actions back.
 
     observations (vla.contracts)   --inputs()-->   VLAModel.forward_parallel / generate_autoregressive
@@ -31,6 +32,7 @@ from vla.contracts.observation import (
 from vla.images import fit_image
 from vla.model.action_tokenizer import ActionTokenizer
 from vla.model.config import ModelConfig
+from vla.model.language_prior import LanguagePrior
 from vla.model.text import PromptEncoder, TokenIds, normalize_instruction
 
 
@@ -41,7 +43,8 @@ class Processor:
     def __init__(self, config: ModelConfig, stats: dict, tokenizer: PreTrainedTokenizerBase,
                  vocabulary: frozenset[str] | None = None):
         self.config, self.stats, self.tokenizer, self.vocabulary = config, stats, tokenizer, vocabulary
-        self.prompt = PromptEncoder(tokenizer, config)
+        self.prior = LanguagePrior(config.language_prior, config.max_text_tokens) if config.language_prior else None
+        self.prompt = PromptEncoder(tokenizer, config, self.prior)
         self.action_tokenizer = ActionTokenizer.from_stats(stats["action"], config.action_bins)
 
     def unknown_words(self, instruction: str) -> list[str]:
@@ -68,7 +71,7 @@ class Processor:
             [checked_reading("state", obs.get("state"), (c.state_dim,), STATE_LIMIT) for obs in observations]))
         inputs["imu"] = torch.from_numpy(np.stack(
             [checked_reading("imu", obs.get("imu"), (c.imu_window, IMU_CHANNELS), IMU_LIMITS) for obs in observations]))
-        inputs["text_ids"], inputs["text_mask"] = self.prompt.encode([instruction(obs) for obs in observations])
+        inputs.update(self._text([instruction(obs) for obs in observations]))
         return {name: tensor.to(device) for name, tensor in inputs.items()}
 
     def _images(self, observations: list[dict], key: str) -> torch.Tensor:
@@ -111,8 +114,15 @@ class Processor:
                     f"got {tuple(batch[key].shape[1:])}"
                 )
         batch["action_bins"] = torch.from_numpy(self.action_tokenizer.encode(samples["actions"]))
-        batch["text_ids"], batch["text_mask"] = self.prompt.encode(list(samples["instruction"]))
+        batch.update(self._text(list(samples["instruction"])))
         return batch
+
+    def _text(self, instructions: list[str]) -> dict[str, torch.Tensor]:
+        """text_ids, text_mask and, with a language prior, its states (text_features)."""
+        text = dict(zip(("text_ids", "text_mask"), self.prompt.encode(instructions)))
+        if self.prior is not None:
+            text["text_features"] = self.prior.encode([normalize_instruction(t) for t in instructions])
+        return text
 
 
 def _observation_list(observations) -> list[dict]:

@@ -19,9 +19,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from vla.model.config import SENSOR_PLACEHOLDERS, ModelConfig
+from vla.model.language_prior import LanguagePrior
 
 PAD, ACTION_START = "<pad>", "<act>"
-SPECIAL_TOKENS = [PAD, ACTION_START, *SENSOR_PLACEHOLDERS.values()]
+PRIOR_TEXT = "<text>"  # a position that takes a language prior's state (ModelConfig.language_prior)
+SPECIAL_TOKENS = [PAD, ACTION_START, *SENSOR_PLACEHOLDERS.values(), PRIOR_TEXT]
 _NOT_A_WORD = re.compile(r"[^\w\s'<>-]+")  # punctuation goes; <...> stays so special tokens are caught
 
 
@@ -53,31 +55,36 @@ def load_pretrained_tokenizer(path: str) -> PreTrainedTokenizerBase:
 
 @dataclass(frozen=True)
 class TokenIds:
-    """The token ids the model itself needs: where sensors go, where actions start, and the
-    first action bin's id (bins are the ids action_offset .. action_offset + bins - 1)."""
+    """The token ids the model itself needs: where sensors go, where actions start, where a language
+    prior's states go (-1 without one), and the first action bin's id (bins are the ids
+    action_offset .. action_offset + bins - 1)."""
 
     pad: int
     action_start: int
     placeholders: dict[str, int]
     action_offset: int
+    prior_text: int = -1
 
     @classmethod
     def of(cls, tokenizer: PreTrainedTokenizerBase, config: ModelConfig) -> TokenIds:
-        ids = tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS)
-        missing = [t for t, i in zip(SPECIAL_TOKENS, ids) if i is None or i == tokenizer.unk_token_id]
+        # tokenizers of checkpoints from before the language prior lack <text>: only the used ones count
+        needed = [PAD, ACTION_START, *SENSOR_PLACEHOLDERS.values()] + ([PRIOR_TEXT] if config.language_prior else [])
+        ids = dict(zip(needed, tokenizer.convert_tokens_to_ids(needed)))
+        missing = [t for t, i in ids.items() if i is None or i == tokenizer.unk_token_id]
         if missing:
             raise ValueError(f"tokenizer lacks the special token(s) {missing}")
-        placeholders = {s: tokenizer.convert_tokens_to_ids(SENSOR_PLACEHOLDERS[s]) for s in config.sensors}
-        return cls(ids[0], ids[1], placeholders, len(tokenizer))
+        placeholders = {s: ids[SENSOR_PLACEHOLDERS[s]] for s in config.sensors}
+        return cls(ids[PAD], ids[ACTION_START], placeholders, len(tokenizer), ids.get(PRIOR_TEXT, -1))
 
 
 class PromptEncoder:
     """Instructions -> the token ids of the multimodal sentence, always `config.prefix_length` long:
     the prompt with each sensor placeholder repeated once per sensor token, then padding, then the
-    action-start token (so the first action is always predicted from the same position)."""
+    action-start token (so the first action is always predicted from the same position). With a
+    language prior the instruction becomes one <text> per word piece of the prior's tokenizer."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, config: ModelConfig):
-        self.tokenizer, self.config = tokenizer, config
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, config: ModelConfig, prior: LanguagePrior | None = None):
+        self.tokenizer, self.config, self.prior = tokenizer, config, prior
         self.ids = TokenIds.of(tokenizer, config)
         self._repeat = {self.ids.placeholders[s]: n for s, n in config.sensor_tokens.items()}
         self._cache: dict[str, list[int]] = {}
@@ -92,7 +99,10 @@ class PromptEncoder:
         special = [t for t in SPECIAL_TOKENS if t in instruction]
         if special:
             raise ValueError(f"instruction must not contain the special token(s) {special}: {instruction!r}")
-        text = self.config.prompt.replace("{instruction}", normalize_instruction(instruction))
+        text = normalize_instruction(instruction)
+        if self.prior is not None:
+            text = PRIOR_TEXT * self.prior.length(text)
+        text = self.config.prompt.replace("{instruction}", text)
         ids, n_text = [], 0
         for token in self.tokenizer(text)["input_ids"]:
             if token in self._repeat:

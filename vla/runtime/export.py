@@ -28,12 +28,14 @@ class ExportError(ValueError):
 
 
 class ParallelLogits(torch.nn.Module):
+    """forward_parallel with its inputs in the order of the graph's input names."""
+
     def __init__(self, model: VLAModel):
         super().__init__()
-        self.model = model
+        self.model, self.names = model, input_names(model)
 
-    def forward(self, image, state, imu, text_ids, text_mask, wrist_image=None):
-        return self.model.forward_parallel(image, state, imu, text_ids, text_mask, wrist_image)
+    def forward(self, *inputs):
+        return self.model.forward_parallel(**dict(zip(self.names, inputs)))
 
 
 def export_onnx(
@@ -67,7 +69,7 @@ def export_onnx(
                 str(partial),
                 input_names=names,
                 output_names=["logits"],
-                dynamic_shapes={n: {0: batch} for n in names},
+                dynamic_shapes=(tuple({0: batch} for _ in names),),  # forward(*inputs)
                 opset_version=OPSET,
                 dynamo=True,
                 external_data=False,

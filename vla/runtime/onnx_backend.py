@@ -26,11 +26,16 @@ def export_metadata(model: VLAModel, checkpoint: str | Path) -> dict:
     # the fingerprint ties the file to the checkpoint it came from
     return {"fingerprint": weights_sha256(checkpoint), "prefix_length": c.prefix_length,
             "action_tokens": c.action_tokens, "action_bins": c.action_bins, "image_size": c.image_size,
-            "wrist_camera": c.wrist_camera, "decoder": "parallel"}
+            "wrist_camera": c.wrist_camera, "decoder": "parallel",
+            **({"language_prior": c.language_prior} if c.language_prior else {})}  # older files lack the key
 
 
 def input_names(model: VLAModel) -> list[str]:
-    return ["image", "state", "imu", "text_ids", "text_mask"] + (["wrist_image"] if model.config.wrist_camera else [])
+    """The graph's inputs: the processor's tensors; a language prior's states come from outside the
+    graph (the processor runs the encoder once per instruction), as text_features."""
+    c = model.config
+    return (["image", "state", "imu", "text_ids", "text_mask"] + (["wrist_image"] if c.wrist_camera else [])
+            + (["text_features"] if c.language_prior else []))
 
 
 def choose_providers(device: str) -> list[str]:

@@ -12,6 +12,7 @@ timed as a random-weight model of its config with both decoders), a ~0.5B-parame
 backbone, and pretrained-style VLM backbones of the shapes of SmolVLM-256M and -500M (vision tower,
 connector and LM, the model section of policies/configs/smolvlm-gpu.yaml: 256 px, 16 image tokens,
 chunks of 8), all with random weights (timing does not depend on the weights).
+With a language prior (model.language_prior) it also prints what encoding a new instruction costs.
 Targets: H100, default model <= 1 ms p50 and 0.5B <= 4 ms p50, both >= 20x the baseline;
 2 CPU cores with onnxruntime, default model <= 10 ms p50.
 """
@@ -114,6 +115,17 @@ def time_runtime(runtime: Runtime, batch: int, iters: int, device: str) -> dict:
     }
 
 
+def new_instruction_ms(processor, count: int = 30) -> float:
+    """The language prior's cost for an instruction it has not seen (CPU, outside the model's graph)."""
+    corpus = list(dict.fromkeys(language.corpus("heldout", per_task=count, seed=7)))[:count]
+    times = []
+    for text in corpus:
+        start = time.perf_counter()
+        processor.prior.encode([text])
+        times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times))
+
+
 def make_checkpoint(directory: Path, config: ModelConfig) -> Path:
     """A random-weight model of `config` with both decoders."""
     model, processor = create(dataclasses.replace(config, decoders=("parallel", "autoregressive")), untrained_stats(),
@@ -190,6 +202,9 @@ def main() -> None:
         runtime = load_runtime(checkpoint, "torch", "cpu")
         model = runtime.decode.model
         params = sum(p.numel() for p in model.parameters())
+        if runtime.processor.prior is not None:
+            print(f"{label}: {new_instruction_ms(runtime.processor):.1f} ms p50 to encode a new instruction "
+                  f"with the language prior (once per instruction; the rows below reuse it)", flush=True)
         onnx = None
         if name != "0.5b" or device == "cuda":  # the 0.5B Llama's export alone takes minutes on 2 CPU cores
             onnx = checkpoint / "model.onnx"

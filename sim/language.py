@@ -1,11 +1,12 @@
 """Instructions as people write them. Each task's instruction is drawn from a grammar of sentence
 frames, verbs, names for objects and colours, and politeness, far richer than a few templates.
 
-Two disjoint sets of phrasings: "train" (what data collection and training draw from) and
-"heldout" (sentence frames and verbs kept for evaluation only: `vla eval --phrasings heldout`),
-so that how well a policy follows instructions it was never trained on can be measured honestly.
-Both name objects with the same words (colours and their synonyms, shapes and theirs): what is new
-in "heldout" is how the request is put.
+Disjoint sets of phrasings: "train" (what data collection and training draw from) and, for
+evaluation only (`vla eval --phrasings heldout|synonyms`), "heldout" (other sentence frames and
+verbs, the same names for objects: what is new is how the request is put) and "synonyms" (the
+held-out frames and verbs, and names for colours, shapes and bins that neither other split uses:
+"stash the crimson brick in the navy bucket"), so that how well a policy follows instructions it was
+never trained on can be measured honestly.
 
 `instruction(task, words, split, rng)` phrases one request; `words` holds the episode's slots:
 colour and shape of the target, bin_colour (place), direction (push: left, right, forward, back).
@@ -16,7 +17,7 @@ import itertools
 
 import numpy as np
 
-SPLITS = ("train", "heldout")
+SPLITS = ("train", "heldout", "synonyms")
 
 # ---- naming objects (shared by both splits) ------------------------------------------------------
 COLOUR_WORDS = {
@@ -30,6 +31,19 @@ COLOUR_WORDS = {
 SHAPE_WORDS = {"cube": ("cube", "block", "square block"), "ball": ("ball", "sphere"),
                "cylinder": ("cylinder", "can", "round post")}
 BIN_WORDS = ("bin", "box", "basket", "container", "tray")
+# the synonyms split's names: words no training instruction holds
+UNSEEN_COLOUR_WORDS = {
+    "red": ("crimson", "ruby"),
+    "green": ("lime", "jade"),
+    "blue": ("navy", "cobalt"),
+    "yellow": ("lemon", "mustard"),
+    "purple": ("lilac", "lavender"),
+    "orange": ("amber", "apricot"),
+}
+UNSEEN_SHAPE_WORDS = {"cube": ("brick", "cuboid"), "ball": ("orb", "globe"), "cylinder": ("tube", "pillar")}
+UNSEEN_BIN_WORDS = ("bucket", "crate", "bowl")
+NAMES = {"train": (COLOUR_WORDS, SHAPE_WORDS, BIN_WORDS), "heldout": (COLOUR_WORDS, SHAPE_WORDS, BIN_WORDS),
+         "synonyms": (UNSEEN_COLOUR_WORDS, UNSEEN_SHAPE_WORDS, UNSEEN_BIN_WORDS)}
 DIRECTION_WORDS = {
     "left": ("to the left", "left", "leftwards", "over to the left side"),
     "right": ("to the right", "right", "rightwards", "over to the right side"),
@@ -68,6 +82,7 @@ FRAMES = {
     "heldout": ("would you {act}?", "i'd like you to {act} for me", "{act} for me, thanks",
                 "next, {act}", "here is the task, {act}"),
 }
+VERBS["synonyms"], FRAMES["synonyms"] = VERBS["heldout"], FRAMES["heldout"]
 
 
 def instruction(task: str, words: dict[str, str], split: str, rng: np.random.Generator) -> str:
@@ -76,12 +91,13 @@ def instruction(task: str, words: dict[str, str], split: str, rng: np.random.Gen
         raise ValueError(f"unknown phrasing split {split!r}; choose from {SPLITS}")
     verb = _pick(VERBS[split][task], rng)
     frame = _pick(FRAMES[split], rng)
-    obj = f"{_pick(COLOUR_WORDS[words['colour']], rng)} {_pick(SHAPE_WORDS[words.get('shape', 'cube')], rng)}"
+    colours, shapes, bins = NAMES[split]
+    obj = f"{_pick(colours[words['colour']], rng)} {_pick(shapes[words.get('shape', 'cube')], rng)}"
     slots = {"obj": obj}
     if task == "push":
         slots["direction"] = _pick(DIRECTION_WORDS[words["direction"]], rng)
     if task == "place":
-        slots["bin"] = f"{_pick(COLOUR_WORDS[words['bin_colour']], rng)} {_pick(BIN_WORDS, rng)}"
+        slots["bin"] = f"{_pick(colours[words['bin_colour']], rng)} {_pick(bins, rng)}"
     return frame.format(act=verb.format(**slots))
 
 
@@ -105,7 +121,8 @@ def corpus(split: str = "train", per_task: int = 2000, seed: int = 0, tasks=None
 
 def vocabulary(split: str = "train") -> set[str]:
     """Every word `split` can use."""
-    texts = itertools.chain(*COLOUR_WORDS.values(), *SHAPE_WORDS.values(), BIN_WORDS, *DIRECTION_WORDS.values(),
+    colours, shapes, bins = NAMES[split]
+    texts = itertools.chain(*colours.values(), *shapes.values(), bins, *DIRECTION_WORDS.values(),
                             *VERBS[split].values(), FRAMES[split])
     return {word for text in texts for word in _words(text)}
 

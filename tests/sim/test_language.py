@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from sim import SimConfig, language, make_env
-from sim.language import COLOUR_WORDS, FRAMES, SPLITS, VERBS
+from sim.language import FRAMES, NAMES, SPLITS, VERBS
 from vla.contracts.observation import INSTRUCTION_CHARSET, INSTRUCTION_MAX_LENGTH
 
 WORDS = {"colour": "red", "shape": "ball", "bin_colour": "blue", "direction": "left"}
@@ -19,9 +19,10 @@ def test_instructions_are_valid_and_name_the_objects(task, split):
     for text in texts:
         assert set(text) <= set(INSTRUCTION_CHARSET) and len(text) <= INSTRUCTION_MAX_LENGTH
         assert len(text.split()) <= 20, text
-        assert any(word in text for word in COLOUR_WORDS["red"]), text
+        colours = NAMES[split][0]
+        assert any(word in text for word in colours["red"]), text
         if task == "place":
-            assert any(word in text.split("the")[-1] for word in COLOUR_WORDS["blue"]), text  # the bin's colour
+            assert any(word in text.split("the")[-1] for word in colours["blue"]), text  # the bin's colour
 
 
 def test_held_out_requests_are_never_trained_on():
@@ -31,6 +32,14 @@ def test_held_out_requests_are_never_trained_on():
     train = set(language.corpus("train", per_task=500))
     assert not train & set(language.corpus("heldout", per_task=500))
     assert language.vocabulary("heldout") - language.vocabulary("train")  # new words too ("hoist", ...)
+
+
+def test_the_synonyms_split_names_objects_in_words_training_never_uses():
+    said = {w.strip(",?") for text in language.corpus("synonyms", per_task=500) for w in text.split()}
+    colours, shapes, bins = NAMES["synonyms"]
+    for word in (*sum(colours.values(), ()), *sum(shapes.values(), ()), *bins):
+        assert word not in language.vocabulary("train") and word in said
+    assert not said & {w for words in NAMES["train"][0].values() for w in words}  # no training colour word
 
 
 def test_the_env_draws_from_the_configured_phrasings_on_a_stream_of_its_own():

@@ -2,8 +2,9 @@
 
 `--randomize lighting,shades,jitter` evaluates under domain randomisation (the same scenes per
 seed), `--instruction "grab the {colour} {shape}"` with other words than the task's own, and
-`--phrasings heldout` with requests put in ways training never saw (sim.language): then the same
-seeds run with the training phrasings too, and both are reported side by side.
+`--phrasings heldout` with requests put in ways training never saw, or `--phrasings synonyms` with
+those and names for colours, shapes and bins it never saw (sim.language): then the same seeds run
+with the training phrasings too, and both are reported side by side.
 
 Prints success and language grounding per task (grounding: the first object the gripper reaches
 is the instructed one, among distractors of other colours) and the share of episodes that reached
@@ -90,7 +91,7 @@ def run(args) -> int:
     out = Path(args.out)
     video = out / "rollouts.mp4" if args.video_episodes else None
     # held-out phrasings are compared with the training ones on the same seeds
-    phrasings = ["train", "heldout"] if args.phrasings == "heldout" else [args.phrasings]
+    phrasings = list(dict.fromkeys(["train", args.phrasings]))
     results = {}
     for phrasing in phrasings:
         sim = SimConfig.for_spec(policy.policy.spec, **(settings | {"phrasing": phrasing}))
@@ -103,7 +104,7 @@ def run(args) -> int:
         if stages is not None:
             Console().print(stages)
     if len(results) > 1:
-        Console().print(phrasing_table(results))
+        Console().print(phrasing_table(results["train"], results[args.phrasings], args.phrasings))
     chosen = results[args.phrasings]
     report = {
         "checkpoint": str(args.checkpoint), "runtime": policy.policy.runtime.name, "execution": policy.policy.execution,
@@ -126,13 +127,13 @@ def run(args) -> int:
     return 0
 
 
-def phrasing_table(results: dict[str, list]) -> Table:
+def phrasing_table(train: list, heldout: list, split: str) -> Table:
     """Success and grounding per task with the training and the held-out phrasings, side by side."""
-    table = Table(title="phrasings: training vs held out (same seeds)")
-    for column in ("task", "success train", "success held out", "held out / train", "grounding train",
-                   "grounding held out"):
+    table = Table(title=f"phrasings: training vs {split} (same seeds)")
+    for column in ("task", "success train", f"success {split}", f"{split} / train", "grounding train",
+                   f"grounding {split}"):
         table.add_column(column, justify="left" if column == "task" else "right")
-    train, heldout = by_task(results["train"]), by_task(results["heldout"])
+    train, heldout = by_task(train), by_task(heldout)
     for task in train:
         a, b = success_rate(train[task]), success_rate(heldout[task])
         table.add_row(task, f"{100 * a:.1f} %", f"{100 * b:.1f} %", f"{b / a:.2f}" if a else "n/a",

@@ -247,8 +247,9 @@ def add_episode_arguments(parser: argparse.ArgumentParser) -> None:
         "--phrasings",
         choices=SPLITS,
         default="train",
-        help="how instructions are put (sim.language): train (the phrasings training draws from) or heldout "
-        "(kept for evaluation only)",
+        help="how instructions are put (sim.language): train (the phrasings training draws from), heldout "
+        "(other frames and verbs) or synonyms (those, and names for objects training never used); the last two "
+        "are for evaluation only",
     )
     parser.add_argument(
         "--threads",

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from vla.model import CheckpointError, ModelConfig, create, language_prior, load_checkpoint, save_checkpoint
+from vla.model.text import normalize_instruction
 from vla.runtime import load_runtime
 from vla.runtime.export import export_onnx
 
@@ -61,6 +62,16 @@ def test_each_instruction_is_encoded_once(checkpoint, observations):
     assert len(calls) == 1
     processor.inputs(observe(observations, "now lift the scarlet block", "touch the red cube"))
     assert len(calls) == 2  # the new instruction only
+
+
+def test_a_full_cache_starts_afresh_without_losing_a_batch(checkpoint, observations, monkeypatch):
+    _, processor = load_checkpoint(checkpoint)
+    monkeypatch.setattr(language_prior, "CACHE_SIZE", 3)
+    texts = ["touch the red cube", "touch the blue cube", "touch the green ball", "lift the lime orb"]
+    first = processor.inputs(observe(observations, *texts[:2]))["text_features"]
+    again = processor.inputs(observe(observations, *texts[:2], texts[2]))["text_features"]  # 2 kept + 1 > 3
+    assert torch.equal(again[:2], first)
+    assert len(processor.prior.encode([normalize_instruction(t) for t in texts[1:]])) == 3
 
 
 def test_a_long_instruction_is_cut_with_a_warning_and_stays_aligned(checkpoint, observations):

@@ -63,10 +63,10 @@ class LanguagePrior:
 
     def encode(self, texts: list[str]) -> torch.Tensor:
         """-> float32 [B, max_tokens, width]: each text's states from the first row on, zeros after."""
+        if len(self._cache) + len(texts) > CACHE_SIZE:  # before looking up: every text of this call stays
+            self._cache.clear()
         new = list(dict.fromkeys(t for t in texts if t not in self._cache))
         if new:
-            if len(self._cache) + len(new) > CACHE_SIZE:
-                self._cache.clear()
             self._cache.update(zip(new, self._run(new)))
         out = torch.zeros(len(texts), self.max_tokens, self.width)
         for row, text in zip(out, texts):

@@ -50,9 +50,7 @@ class LanguagePrior:
     """Instructions (already normalised) -> the encoder's hidden states per word piece, [CLS] and
     [SEP] included, at most `max_tokens` of them."""
 
-    def __init__(self, name: str, max_tokens: int):
-        if name not in LANGUAGE_PRIORS:
-            raise LanguagePriorError(f"unknown language prior {name!r}; known: {list(LANGUAGE_PRIORS)}")
+    def __init__(self, name: str, max_tokens: int):  # name: one of LANGUAGE_PRIORS (ModelConfig checks it)
         self.name, self.max_tokens, self.width = name, max_tokens, LANGUAGE_PRIORS[name]
         self.tokenizer, self.encoder = _load(model_zip())
         self._cache: dict[str, torch.Tensor] = {}

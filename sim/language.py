@@ -13,7 +13,9 @@ colour and shape of the target, bin_colour (place), direction (push: left, right
 """
 from __future__ import annotations
 
+import functools
 import itertools
+import re
 
 import numpy as np
 
@@ -101,6 +103,52 @@ def instruction(task: str, words: dict[str, str], split: str, rng: np.random.Gen
     return frame.format(act=verb.format(**slots))
 
 
+TASK_SLOTS = {"reach": ("colour", "shape"), "pick": ("colour", "shape"),
+              "push": ("colour", "shape", "direction"), "place": ("colour", "shape", "bin_colour")}
+
+
+def parse(text: str, split: str = "train") -> tuple[str, dict[str, str]] | None:
+    """(task, words) of a sentence `instruction(task, words, split, rng)` could have written (lower
+    case, as it writes them), or None for any other text."""
+    for task, pattern in _patterns(split):
+        match = pattern.fullmatch(text)
+        if match:
+            colours, shapes, _ = _names(split)
+            slots = {"colour": colours, "shape": shapes, "bin_colour": colours, "direction": _DIRECTIONS}
+            return task, {slot: slots[slot][name] for slot, name in match.groupdict().items() if slot in slots}
+    return None
+
+
+def _names(split: str) -> tuple[dict[str, str], dict[str, str], tuple[str, ...]]:
+    """The split's colour and shape names -> their canonical colour or shape, and its bin names."""
+    colours, shapes, bins = NAMES[split]
+    return ({w: c for c, words in colours.items() for w in words},
+            {w: s for s, words in shapes.items() for w in words}, bins)
+
+
+_DIRECTIONS = {w: d for d, words in DIRECTION_WORDS.items() for w in words}
+
+
+@functools.cache
+def _patterns(split: str) -> list[tuple[str, re.Pattern]]:
+    colours, shapes, bins = _names(split)
+
+    def either(name: str | None, words) -> str:  # longest first: "square block" before "block"
+        alternatives = "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
+        return f"(?P<{name}>{alternatives})" if name else f"(?:{alternatives})"
+
+    slots = {"obj": f"{either('colour', colours)} {either('shape', shapes)}",
+             "bin": f"{either('bin_colour', colours)} {either(None, bins)}",
+             "direction": either("direction", _DIRECTIONS)}
+    patterns = []
+    for task, verbs in VERBS[split].items():
+        for frame, verb in itertools.product(FRAMES[split], verbs):
+            parts = re.split(r"(\{\w+\})", frame.format(act=verb))
+            regex = "".join(slots[p[1:-1]] if p.startswith("{") else re.escape(p) for p in parts)
+            patterns.append((task, re.compile(regex)))
+    return patterns
+
+
 def _pick(options, rng: np.random.Generator):
     return options[rng.integers(len(options))]
 
@@ -108,15 +156,19 @@ def _pick(options, rng: np.random.Generator):
 def corpus(split: str = "train", per_task: int = 2000, seed: int = 0, tasks=None) -> list[str]:
     """Instructions drawn from `split` for every task (or those of `tasks`) and target (a tokenizer's
     training corpus)."""
-    rng = np.random.default_rng(seed)
-    sentences = []
+    return [text for text, _, _ in requests(split, per_task, np.random.default_rng(seed), tasks)]
+
+
+def requests(split: str, per_task: int, rng: np.random.Generator, tasks=None):
+    """Yields (instruction, task, words) for random requests, `per_task` of every task (or those of
+    `tasks`); `words` holds the task's slots only."""
     for task in tasks or VERBS[split]:
         for _ in range(per_task):
             colour, other = rng.choice(list(COLOUR_WORDS), size=2, replace=False)
-            words = {"colour": colour, "bin_colour": other, "shape": _pick(list(SHAPE_WORDS), rng),
+            words = {"colour": str(colour), "bin_colour": str(other), "shape": _pick(list(SHAPE_WORDS), rng),
                      "direction": _pick(list(DIRECTION_WORDS), rng)}
-            sentences.append(instruction(task, words, split, rng))
-    return sentences
+            text = instruction(task, words, split, rng)
+            yield text, task, {k: v for k, v in words.items() if k in TASK_SLOTS[task]}
 
 
 def vocabulary(split: str = "train") -> set[str]:

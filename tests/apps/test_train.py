@@ -16,9 +16,10 @@ import torch
 import torch.multiprocessing as mp
 import yaml
 
+from sim import language
 from sim.config import DISTURBANCE
 from vla.apps.replay import replay
-from vla.apps.train.data import BatchSchedule, noisy_instruction, random_shift
+from vla.apps.train.data import BatchSchedule, noisy_instruction, random_shift, rephrased
 from vla.apps.train.loop import TrainingError, train
 from vla.apps.train.recipe import TrainConfig, load_config
 from vla.cli import main as vla_main
@@ -113,6 +114,32 @@ def test_noisy_instructions_keep_every_word_in_order_and_add_one_or_two():
         assert all(word in kept for word in text.split())  # the original words, in their order
         assert len(words) - 5 in (1, 2)
     assert {len(s.split()) for s in noisy} == {6, 7} and len(set(noisy)) > 150
+
+
+def test_rephrasing_keeps_the_request_and_forgets_the_episode():
+    rng = np.random.default_rng(0)
+    words = {"colour": "red", "shape": "cube", "bin_colour": "blue"}
+    recorded = [language.instruction("place", words, "train", rng) for _ in range(200)]  # as 200 episodes
+    assert len(set(recorded)) > 100
+    variants = [rephrased(text, 4, rng) for text in recorded]
+    assert len(set(variants)) == 4  # the same few sentences, whichever episode asked
+    assert all(language.parse(v) == ("place", words) for v in variants)
+    assert rephrased("Put the RED cube in the blue bin!", 4, rng) in set(variants)  # normalised first
+    push = [rephrased(language.instruction("push", {"colour": "red", "shape": "cube", "direction": "left"}, "train",
+                                           rng), 4, rng) for _ in range(50)]
+    assert not set(push) & set(variants) and all(language.parse(p)[1]["direction"] == "left" for p in push)
+    for text in ("stash the crimson brick in the navy bucket", "do something nice"):  # not the training grammar
+        assert rephrased(text, 4, rng) == text
+
+
+def test_the_phrasing_grammar_parses_what_it_writes():
+    rng = np.random.default_rng(1)
+    for split in language.SPLITS:
+        for text, task, words in language.requests(split, 100, rng):
+            assert language.parse(text, split) == (task, words), text
+    assert language.parse("touch the red cube now please") is None
+    assert language.parse("pick up the red cube and put it in the blue bin") == (
+        "place", {"colour": "red", "shape": "cube", "bin_colour": "blue"})
 
 
 def test_overrides_and_config_errors(tmp_path):

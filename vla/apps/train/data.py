@@ -2,19 +2,22 @@
 up each step's batch, and image augmentation."""
 from __future__ import annotations
 
+import functools
 import string
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DistributedSampler
 
-from sim import SimConfig
+from sim import SimConfig, language
 from sim.config import randomization
 from vla.apps.collect import record_dataset
-from vla.apps.train.recipe import TrainConfig
+from vla.apps.train.recipe import DataConfig, TrainConfig
 from vla.data.index import EpisodeIndex
 from vla.model.processor import Processor
+from vla.model.text import normalize_instruction
 
 LETTERS = list(string.ascii_lowercase)
 
@@ -73,22 +76,24 @@ class BatchSchedule:
         return [int(self.members[g][rng.integers(len(self.members[g]))]) for g in slots]
 
 
-def collate(
-    samples: dict, processor: Processor, device: torch.device, shift: int = 0, noise: float = 0.0, seed: int = 0
-) -> dict[str, torch.Tensor]:
-    """index.batch(...) -> the keyword arguments of VLAModel.forward on `device`, images shifted by
-    up to `shift` pixels, a share `noise` of the instructions with made-up words (random per sample,
-    drawn from `seed`)."""
-    if noise:
-        rng = np.random.default_rng(seed)
-        samples = {**samples, "instruction": [noisy_instruction(text, rng) if rng.random() < noise else text
-                                              for text in samples["instruction"]]}
+def collate(samples: dict, processor: Processor, device: torch.device, data: DataConfig, seed: int = 0
+            ) -> dict[str, torch.Tensor]:
+    """index.batch(...) -> the keyword arguments of VLAModel.forward on `device`, augmented as `data`
+    says (random per sample, drawn from `seed`): instructions rephrased, a share with made-up words,
+    images shifted."""
+    rng = np.random.default_rng(seed)
+    texts = samples["instruction"]
+    if data.rephrase:
+        texts = [rephrased(text, data.rephrase, rng) for text in texts]
+    if data.instruction_noise:
+        texts = [noisy_instruction(text, rng) if rng.random() < data.instruction_noise else text for text in texts]
+    samples = {**samples, "instruction": texts}
     batch = processor.batch(samples)
-    if shift:
+    if data.image_shift:
         generator = torch.Generator().manual_seed(seed)
         for key in ("image", "wrist_image"):
             if key in batch:
-                batch[key] = random_shift(batch[key], shift, generator)
+                batch[key] = random_shift(batch[key], data.image_shift, generator)
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
@@ -99,6 +104,24 @@ def random_shift(images: torch.Tensor, shift: int, generator: torch.Generator) -
     offsets = torch.randint(0, 2 * shift + 1, (b, 2), generator=generator).tolist()
     crops = [padded[i, :, y : y + h, x : x + w] for i, (y, x) in enumerate(offsets)]
     return torch.stack(crops).permute(0, 2, 3, 1).to(torch.uint8)
+
+
+def rephrased(text: str, variants: int, rng: np.random.Generator) -> str:
+    """One of `variants` training phrasings of `text`'s request, or `text` itself when the training
+    grammar could not have written it (a person's words, another dataset's)."""
+    parsed = language.parse(normalize_instruction(text))
+    if parsed is None:
+        return text
+    task, words = parsed
+    return phrasing(task, tuple(sorted(words.items())), int(rng.integers(variants)))
+
+
+@functools.lru_cache(maxsize=65536)
+def phrasing(task: str, words: tuple[tuple[str, str], ...], variant: int) -> str:
+    """The `variant`-th training phrasing of a request: the same sentence for every episode asking
+    for it (seeded by the request, not the episode)."""
+    request = zlib.crc32(repr((task, words)).encode())
+    return language.instruction(task, dict(words), "train", np.random.default_rng((request, variant)))
 
 
 def noisy_instruction(text: str, rng: np.random.Generator) -> str:

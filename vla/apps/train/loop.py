@@ -158,8 +158,7 @@ def train(config: TrainConfig, index=None, resume: str | Path | None = None, pro
             index.batch(schedule.indices(step)),
             processor,
             procs.device,
-            config.data.image_shift,
-            config.data.instruction_noise,
+            config.data,
             seed=(config.seed * 1_000_003 + step) * 64 + procs.rank,
         )
         with autocast:

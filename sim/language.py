@@ -87,6 +87,11 @@ FRAMES = {
 VERBS["synonyms"], FRAMES["synonyms"] = VERBS["heldout"], FRAMES["heldout"]
 
 
+# the slots of `words` each task's phrasings name
+TASK_SLOTS = {"reach": ("colour", "shape"), "pick": ("colour", "shape"),
+              "push": ("colour", "shape", "direction"), "place": ("colour", "shape", "bin_colour")}
+
+
 def instruction(task: str, words: dict[str, str], split: str, rng: np.random.Generator) -> str:
     """A request to do `task` with this episode's `words`, phrased from `split`."""
     if split not in SPLITS:
@@ -96,15 +101,11 @@ def instruction(task: str, words: dict[str, str], split: str, rng: np.random.Gen
     colours, shapes, bins = NAMES[split]
     obj = f"{_pick(colours[words['colour']], rng)} {_pick(shapes[words.get('shape', 'cube')], rng)}"
     slots = {"obj": obj}
-    if task == "push":
+    if "direction" in TASK_SLOTS[task]:
         slots["direction"] = _pick(DIRECTION_WORDS[words["direction"]], rng)
-    if task == "place":
+    if "bin_colour" in TASK_SLOTS[task]:
         slots["bin"] = f"{_pick(colours[words['bin_colour']], rng)} {_pick(bins, rng)}"
     return frame.format(act=verb.format(**slots))
-
-
-TASK_SLOTS = {"reach": ("colour", "shape"), "pick": ("colour", "shape"),
-              "push": ("colour", "shape", "direction"), "place": ("colour", "shape", "bin_colour")}
 
 
 def parse(text: str, split: str = "train") -> tuple[str, dict[str, str]] | None:
@@ -119,6 +120,7 @@ def parse(text: str, split: str = "train") -> tuple[str, dict[str, str]] | None:
     return None
 
 
+@functools.cache
 def _names(split: str) -> tuple[dict[str, str], dict[str, str], tuple[str, ...]]:
     """The split's colour and shape names -> their canonical colour or shape, and its bin names."""
     colours, shapes, bins = NAMES[split]

@@ -109,11 +109,16 @@ def random_shift(images: torch.Tensor, shift: int, generator: torch.Generator) -
 def rephrased(text: str, variants: int, rng: np.random.Generator) -> str:
     """One of `variants` training phrasings of `text`'s request, or `text` itself when the training
     grammar could not have written it (a person's words, another dataset's)."""
+    parsed = request(text)
+    return text if parsed is None else phrasing(*parsed, int(rng.integers(variants)))
+
+
+@functools.lru_cache(maxsize=65536)
+def request(text: str) -> tuple[str, tuple[tuple[str, str], ...]] | None:
+    """(task, sorted words) of `text` if the training grammar could have written it (kept: a dataset
+    repeats its instructions at every step, and parsing tries every template)."""
     parsed = language.parse(normalize_instruction(text))
-    if parsed is None:
-        return text
-    task, words = parsed
-    return phrasing(task, tuple(sorted(words.items())), int(rng.integers(variants)))
+    return None if parsed is None else (parsed[0], tuple(sorted(parsed[1].items())))
 
 
 @functools.lru_cache(maxsize=65536)

@@ -70,7 +70,8 @@ def test_a_full_cache_starts_afresh_without_losing_a_batch(checkpoint, observati
     texts = ["touch the red cube", "touch the blue cube", "touch the green ball", "lift the lime orb"]
     first = processor.inputs(observe(observations, *texts[:2]))["text_features"]
     again = processor.inputs(observe(observations, *texts[:2], texts[2]))["text_features"]  # 2 kept + 1 > 3
-    assert torch.equal(again[:2], first)
+    # re-encoded in a batch of another size: the same states up to the last bits of the matmuls
+    assert torch.allclose(again[:2], first, atol=1e-5) and (again[:2] != 0).any()
     assert len(processor.prior.encode([normalize_instruction(t) for t in texts[1:]])) == 3
 
 

@@ -115,11 +115,14 @@ class Harness:
         while time.monotonic() < end:
             self.executor.spin_once(timeout_sec=0.005)
 
-    def call(self, srv_type, service: str, request, timeout: float = 30.0, resend_after: float | None = None):
+    def call(self, srv_type, service: str, request, timeout: float = 30.0, resend_after: float | None = None,
+             took_effect=None):
         """The answer of `service`, waiting up to `timeout` (generous: nodes answer once loaded).
-        `resend_after`: for a query that may be asked again, a request left unanswered that long is
-        sent again: Fast DDS drops an answer it cannot deliver within 100 ms, which a busy machine
-        sometimes cannot (the server has not yet discovered this client's response reader)."""
+        Fast DDS drops an answer it cannot deliver within 100 ms, which a busy machine sometimes
+        cannot (the server has not yet discovered this client's response reader). `resend_after`:
+        for a query that may be asked again, a request left unanswered that long is sent again.
+        `took_effect`: for a command that must not be sent twice, a condition that shows it was
+        carried out; once it holds, a lost answer is None."""
         if service not in self.clients:
             self.clients[service] = self.node.create_client(srv_type, service)
         client = self.clients[service]
@@ -127,13 +130,16 @@ class Harness:
         if not client.service_is_ready():
             self.spin_until(client.service_is_ready, timeout, f"service {service}")
             self.spin_for(1.0)  # for the server to discover this client's response reader as well
+        effect = took_effect or (lambda: False)
         while True:
             future = client.call_async(request)
             attempt = min(end, time.monotonic() + resend_after) if resend_after else end
-            self.spin_until(lambda future=future, attempt=attempt: future.done() or time.monotonic() > attempt,
-                            timeout, f"the answer of {service}")
-            if future.done():
-                return future.result()
+            answered = lambda future=future, attempt=attempt: future.done() or effect() or time.monotonic() > attempt
+            self.spin_until(answered, timeout, f"the answer of {service}")
+            if not future.done() and effect():
+                self.spin_for(1.0)  # the answer may still come
+            if future.done() or effect():
+                return future.result() if future.done() else None
             client.remove_pending_request(future)
             if time.monotonic() > end:
                 pytest.fail(f"no answer of {service} within {timeout} s\n{self.logs_text()}")

@@ -136,10 +136,13 @@ class Harness:
             attempt = min(end, time.monotonic() + resend_after) if resend_after else end
             answered = lambda future=future, attempt=attempt: future.done() or effect() or time.monotonic() > attempt
             self.spin_until(answered, timeout, f"the answer of {service}")
-            if not future.done() and effect():
-                self.spin_for(1.0)  # the answer may still come
-            if future.done() or effect():
+            if effect():  # carried out: the answer may still come, or be lost
+                grace = time.monotonic() + 1.0
+                waited = lambda future=future, grace=grace: future.done() or time.monotonic() > grace
+                self.spin_until(waited, 2.0, f"the answer of {service}")
                 return future.result() if future.done() else None
+            if future.done():
+                return future.result()
             client.remove_pending_request(future)
             if time.monotonic() > end:
                 pytest.fail(f"no answer of {service} within {timeout} s\n{self.logs_text()}")

@@ -250,7 +250,8 @@ def test_vla_train_records_the_dataset_then_trains_and_evaluates(tmp_path):
     curve = tmp_path / "run" / "learning_curve.png"
     assert curve.read_bytes()[:4] == b"\x89PNG"
     curve.unlink()
-    assert vla_main(["curve", str(tmp_path / "run")]) == 0 and curve.read_bytes()[:4] == b"\x89PNG"
+    assert vla_main(["curve", str(tmp_path / "run"), "--title", "all-tasks-cpu"]) == 0
+    assert curve.read_bytes()[:4] == b"\x89PNG"
     assert vla_main(["curve", str(tmp_path)]) == 2  # no metrics.jsonl: one line, no traceback
     _, processor = load_checkpoint(tmp_path / "run" / "final")
     assert processor.stats["state"]["std"] != [0.0] * 15  # statistics come from the recorded data

@@ -29,8 +29,9 @@ def evaluations(metrics: Path) -> dict[str, list[tuple[int, float]]]:
     return curves
 
 
-def draw(run_dir: str | Path) -> Path | None:
-    """run_dir/learning_curve.png from run_dir/metrics.jsonl; None while there is no evaluation."""
+def draw(run_dir: str | Path, title: str | None = None) -> Path | None:
+    """run_dir/learning_curve.png from run_dir/metrics.jsonl, titled `title` (default: the run
+    directory's name); None while there is no evaluation."""
     run_dir = Path(run_dir)
     curves = evaluations(run_dir / "metrics.jsonl")
     if not curves:
@@ -40,7 +41,7 @@ def draw(run_dir: str | Path) -> Path | None:
         steps, rates = zip(*sorted(points))
         ax.plot(steps, [100 * r for r in rates], marker="o", label=task)
     ax.set(xlabel="training step", ylabel="success on validation seeds [%]", ylim=(-3, 103),
-           title=f"learning curve: {run_dir.name}")
+           title=f"learning curve: {title or run_dir.name}")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
@@ -51,11 +52,13 @@ def draw(run_dir: str | Path) -> Path | None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a training run's out_dir")
+    parser.add_argument("--title",
+                        help="the plot's title after 'learning curve: ' (default: each run directory's name)")
 
 
 def run(args) -> int:
     for path in args.run_dirs:
         if not (Path(path) / "metrics.jsonl").is_file():
             raise FileNotFoundError(f"{path}: no metrics.jsonl (not a training run's out_dir)")
-        print(draw(path) or f"{path}: no evaluation in metrics.jsonl yet")
+        print(draw(path, args.title) or f"{path}: no evaluation in metrics.jsonl yet")
     return 0

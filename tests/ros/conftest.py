@@ -147,6 +147,15 @@ class Harness:
             if time.monotonic() > end:
                 pytest.fail(f"no answer of {service} within {timeout} s\n{self.logs_text()}")
 
+    def start_recording(self) -> None:
+        """~/record true, judged by the recorder's log when its answer is lost (asked again, it
+        would refuse: already recording)."""
+        began = lambda: self.log("recorder_node").count("recording episode_")
+        before = began()
+        answer = self.call(SetBool, "/recorder_node/record", SetBool.Request(data=True),
+                           took_effect=lambda: began() > before)
+        assert answer is None or answer.success, answer.message
+
     def stop(self, name: str) -> None:
         self.processes[name].send_signal(signal.SIGINT)
         self.processes[name].wait(timeout=10)

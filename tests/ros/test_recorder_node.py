@@ -68,7 +68,7 @@ def test_recorder_service_records_a_robot_episode(ros, policy_with_robot, tmp_pa
     ros.node.create_subscription(Float32MultiArray, TOPICS["action"], actions.append, qos.RELIABLE)
     ros.start("recorder_node", CONFIG / "recorder.yaml", output_dir=dataset, task="touch")
     assert ros.call(SetBool, "/recorder_node/record", SetBool.Request(data=False)).message == "not recording"
-    assert ros.call(SetBool, "/recorder_node/record", SetBool.Request(data=True)).success
+    ros.start_recording()
     start = len(actions)
     ros.spin_for(2.0)
     assert ros.call(SetBool, "/recorder_node/record", SetBool.Request(data=False)).success

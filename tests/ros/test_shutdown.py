@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 rclpy = pytest.importorskip("rclpy")
-from std_srvs.srv import SetBool  # noqa: E402
 
 from vla.data.dataset import PARTIAL, load_manifest  # noqa: E402
 from vla.data.reader import read_episode  # noqa: E402
@@ -40,7 +39,7 @@ def test_every_node_stops_cleanly_on_signals(ros, tmp_path, sim_bag, pattern):
     # on a busy machine) would record nothing.
     ros.spin_until(lambda: ros.log("recorder_node").count("found a publisher (2 now)") == STREAMS, 60,
                    "the recorder discovering every publisher")
-    assert ros.call(SetBool, "/recorder_node/record", SetBool.Request(data=True)).success
+    ros.start_recording()
     ros.spin_for(1.0)  # an episode of about 10 steps
 
     processes = {name: ros.processes[name] for name in NODES}

@@ -20,7 +20,7 @@ from sim import language
 from sim.config import DISTURBANCE
 from vla.apps.replay import replay
 from vla.apps.train.data import BatchSchedule, noisy_instruction, random_shift, rephrased
-from vla.apps.train.loop import TrainingError, train
+from vla.apps.train.loop import TrainingError, train, weight_average
 from vla.apps.train.recipe import TrainConfig, load_config
 from vla.cli import main as vla_main
 from vla.config import ConfigError
@@ -71,10 +71,13 @@ class FakeIndex:
         return out | {"instruction": [self.per_sample[i] for i in indices], "task": ["reach"] * len(indices)}
 
 
+OPTIM = {"steps": 6, "batch_size": 8, "lr": 1e-3, "warmup_steps": 2}
+
+
 def recipe(tmp_path, **overrides) -> TrainConfig:
     values = {
         "model": TINY_MODEL,
-        "optim": {"steps": 6, "batch_size": 8, "lr": 1e-3, "warmup_steps": 2},
+        "optim": OPTIM,
         "eval": {"episodes": 0},
         "out_dir": str(tmp_path / "run"),
         "log_every": 1,
@@ -168,9 +171,9 @@ def test_overrides_and_config_errors(tmp_path):
 
 
 # ---- training and resuming ----------------------------------------------------------------------
-@pytest.mark.parametrize("task_balance", [False, True])
-def test_resume_continues_exactly(tmp_path, task_balance):
-    data = {"data": {"task_balance": task_balance}}
+@pytest.mark.parametrize("data", [{}, {"data": {"task_balance": True}}, {"optim": {**OPTIM, "ema": 0.9}}],
+                         ids=["plain", "task_balance", "ema"])
+def test_resume_continues_exactly(tmp_path, data):
     straight = recipe(tmp_path / "a", **data)
     model = train(straight, index=FakeIndex(), progress=False)
     expected = losses(tmp_path / "a" / "run")
@@ -186,6 +189,28 @@ def test_resume_continues_exactly(tmp_path, task_balance):
         assert torch.equal(a, b), name
     final, _ = load_checkpoint(tmp_path / "b" / "run" / "final")
     assert final.config.decoders == ("parallel", "autoregressive")
+
+
+def test_the_weight_average_warms_up_then_decays():
+    """optim.ema: the first update copies the weights, the n-th blends in 1 - min(decay, (1 + n) / (10 + n))."""
+    trained = torch.nn.Linear(1, 1, bias=False)
+    average = weight_average(trained, 0.5)
+    expected = None
+    for n, value in enumerate([4.0, 8.0, 2.0, 6.0]):
+        trained.weight.data.fill_(value)
+        average.update_parameters(trained)
+        blend = 1.0 if n == 0 else 1 - min(0.5, (1 + n) / (10 + n))
+        expected = value if expected is None else expected + blend * (value - expected)
+        assert average.module.weight.item() == pytest.approx(expected)
+    assert weight_average(trained, 0.0) is None
+    with pytest.raises(ConfigError, match=r"optim\.ema"):
+        load_config("policies/configs/quickstart-cpu.yaml", ["optim.ema=1"])
+
+
+def test_resume_refuses_a_changed_weight_average(tmp_path):
+    train(recipe(tmp_path, optim={**OPTIM, "steps": 2}), index=FakeIndex(), progress=False)
+    with pytest.raises(ConfigError, match="without a weight average"):
+        train(recipe(tmp_path, optim={**OPTIM, "ema": 0.9}), index=FakeIndex(), resume="latest", progress=False)
 
 
 def test_resume_refuses_another_model(tmp_path):

@@ -5,6 +5,7 @@ token accuracy, learning rate, samples/s, closed-loop success), learning_curve.p
 task against the step, redrawn at every evaluation), checkpoints/step_N/ (model and
 processor + optimizer, scheduler and RNG states, for --resume, which continues exactly as if never
 interrupted; a step directory appears only once complete) and final/ (the model to deploy).
+With optim.ema, validation and every checkpoint's model are the averaged weights.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch
 import yaml
 from torch import distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from policies.vla_policy import VLAPolicy
@@ -126,6 +128,8 @@ def train(config: TrainConfig, index=None, resume: str | Path | None = None, pro
         model, processor = create(config.model, index.stats, language.corpus(), index.instructions)
     prepare_finetuning(model, config.finetune)
     model.to(procs.device).train()
+    average = weight_average(model, config.optim.ema)  # from the checkpoint's weights: the average
+    deployed = model if average is None else average.module  # what is validated and saved
     wrapped = (
         DistributedDataParallel(model, device_ids=[procs.device.index] if procs.device.type == "cuda" else None)
         if procs.world > 1
@@ -133,7 +137,11 @@ def train(config: TrainConfig, index=None, resume: str | Path | None = None, pro
     )
     optimizer = make_optimizer(model, config.optim, procs.device)
     scheduler = make_scheduler(optimizer, config.optim)
-    start = load_training_state(resume_dir, optimizer, scheduler) if resume_dir is not None else 0
+    start = 0
+    if resume_dir is not None:
+        start = load_training_state(resume_dir, optimizer, scheduler, None if average is None else model)
+        if average is not None:
+            average.n_averaged.fill_(start)
     tasks = index.sample_tasks if config.data.task_balance else None
     schedule = BatchSchedule(len(index), config.optim.batch_size, config.seed, procs.rank, procs.world, tasks)
     autocast = torch.autocast("cuda", torch.bfloat16) if procs.device.type == "cuda" else nullcontext()
@@ -174,6 +182,8 @@ def train(config: TrainConfig, index=None, resume: str | Path | None = None, pro
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if average is not None:
+            average.update_parameters(model)
 
         done = step + 1
         if done % config.log_every == 0 or done == config.optim.steps:
@@ -189,20 +199,37 @@ def train(config: TrainConfig, index=None, resume: str | Path | None = None, pro
         if procs.main and (save or evaluate_now):
             logger.pause()  # samples/s counts training only
             if save:
-                save_step(model, processor, config, out_dir, done, optimizer, scheduler)
+                save_step(deployed, processor, config, out_dir, done, optimizer, scheduler, model)
             if evaluate_now:
-                logger.log_eval(done, evaluate(model, processor, config))
+                logger.log_eval(done, evaluate(deployed, processor, config))
                 model.train()
             logger.resume()
     bar.close()
-    merge_lora(model)
+    merge_lora(deployed)
     if procs.main:
-        save_checkpoint(out_dir / "final", model, processor, {"training": to_dict(config), "step": config.optim.steps})
+        meta = {"training": to_dict(config), "step": config.optim.steps}
+        save_checkpoint(out_dir / "final", deployed, processor, meta)
         logger.close()
         print(f"final checkpoint: {out_dir / 'final'}")
     if procs.world > 1:
         dist.barrier()
-    return model
+    return deployed
+
+
+def weight_average(model: VLAModel, decay: float) -> AveragedModel | None:
+    """An exponential moving average of `model`'s weights (None for decay 0). Its decay grows as
+    (1 + n) / (10 + n) up to `decay` after n updates (as diffusers' EMA), so that early averages are
+    not mostly the random start. Averaged weights are what behaviour-cloning policies deploy
+    (Diffusion Policy): they vary less from one step to the next than the trained ones."""
+    if not decay:
+        return None
+
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor) -> None:
+        weight = 1 - min(decay, (1 + n.item()) / (10 + n.item()))
+        for a, c in zip(averaged, current):
+            a.lerp_(c, weight)
+
+    return AveragedModel(model, multi_avg_fn=update, use_buffers=False)
 
 
 def seed_everything(seed: int) -> None:
@@ -243,15 +270,18 @@ def reduce_metrics(out: dict, procs: Processes) -> dict[str, float]:
 
 
 def save_step(
-    model: VLAModel, processor: Processor, config: TrainConfig, out_dir: Path, step: int, optimizer, scheduler
+    model: VLAModel, processor: Processor, config: TrainConfig, out_dir: Path, step: int, optimizer, scheduler,
+    trained: VLAModel,
 ) -> None:
-    """A resumable checkpoint: it appears, trainer state included, only once complete."""
+    """A resumable checkpoint of `model` (the trained weights or their average): it appears,
+    trainer state (with the trained weights, when `model` is their average) included, only once complete."""
+    kept = None if trained is model else trained
     save_checkpoint(
         out_dir / "checkpoints" / f"step_{step:07d}",
         merged_copy(model),
         processor,
         {"training": to_dict(config), "step": step},
-        also=lambda staging: save_training_state(staging, step, optimizer, scheduler),
+        also=lambda staging: save_training_state(staging, step, optimizer, scheduler, kept),
     )
     for old in step_checkpoints(out_dir)[: -config.keep_checkpoints]:
         shutil.rmtree(old)

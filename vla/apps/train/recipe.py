@@ -56,6 +56,9 @@ class OptimConfig:
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0  # max gradient norm (0: off)
+    # decay of an exponential moving average of the weights (0: off); validation and every saved
+    # checkpoint then hold the averaged weights, the trained ones travel in the trainer state
+    ema: float = 0.0
 
 
 @dataclass
@@ -99,6 +102,8 @@ class TrainConfig:
         o = self.optim
         if o.steps <= 0 or o.batch_size <= 0 or o.lr <= 0 or o.warmup_steps < 0 or o.min_lr < 0 or o.grad_clip < 0:
             raise ValueError("optim: steps, batch_size and lr must be positive; warmup_steps, min_lr, grad_clip >= 0")
+        if not 0 <= o.ema < 1:
+            raise ValueError(f"optim.ema must be in [0, 1) (0: off), got {o.ema}")
         if (
             self.log_every <= 0
             or self.save_every <= 0

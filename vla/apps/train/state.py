@@ -1,6 +1,7 @@
 """Resumable training state beside a step checkpoint's model: optimizer, scheduler and RNG states
 (safetensors + JSON: nothing is unpickled), so that --resume continues exactly as if never
-interrupted."""
+interrupted. With a weight average (optim.ema) the checkpoint's model is the average and the
+trained weights are kept here."""
 from __future__ import annotations
 
 import json
@@ -12,15 +13,20 @@ import numpy as np
 import safetensors.torch
 import torch
 
+from vla.config import ConfigError
 from vla.model.checkpoint import CheckpointError, read_meta
 
 STATE_TENSORS, STATE_JSON = "trainer_state.safetensors", "trainer_state.json"
+TRAINED = "trained."  # prefix of the trained weights' tensors
 
 
-def save_training_state(path: Path, step: int, optimizer, scheduler) -> None:
+def save_training_state(path: Path, step: int, optimizer, scheduler, trained: torch.nn.Module | None = None) -> None:
+    """`trained`: the weights being trained, when the checkpoint beside holds their average."""
     optimizer_state = optimizer.state_dict()
     tensors = {f"optimizer.{pid}.{key}": value.detach().cpu().contiguous()
                for pid, state in optimizer_state["state"].items() for key, value in state.items()}
+    if trained is not None:
+        tensors.update({f"{TRAINED}{name}": p.detach().cpu().clone() for name, p in trained.named_parameters()})
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
@@ -32,11 +38,13 @@ def save_training_state(path: Path, step: int, optimizer, scheduler) -> None:
     (path / STATE_JSON).write_text(json.dumps(meta))
 
 
-def load_training_state(path: Path, optimizer, scheduler) -> int:
-    """Restore optimizer, scheduler and RNG states; -> the step to continue from."""
+def load_training_state(path: Path, optimizer, scheduler, trained: torch.nn.Module | None = None) -> int:
+    """Restore optimizer, scheduler and RNG states (and, given `trained`, the trained weights that
+    the checkpoint's average came from); -> the step to continue from."""
     check_resumable(path)
     meta = json.loads((path / STATE_JSON).read_text())
     tensors = safetensors.torch.load_file(str(path / STATE_TENSORS))
+    load_trained_weights(path, tensors, trained)
     state: dict[int, dict] = {}
     for name, value in tensors.items():
         if name.startswith("optimizer."):
@@ -57,6 +65,16 @@ def load_training_state(path: Path, optimizer, scheduler) -> int:
     version, internal, gauss = meta["rng_python"]
     random.setstate((version, tuple(internal), gauss))
     return int(meta["step"])
+
+
+def load_trained_weights(path: Path, tensors: dict, trained: torch.nn.Module | None) -> None:
+    saved = any(name.startswith(TRAINED) for name in tensors)
+    if saved != (trained is not None):
+        raise ConfigError(f"{path} was saved {'with' if saved else 'without'} a weight average (optim.ema); "
+                          "resume with the recipe it was trained with")
+    with torch.no_grad():
+        for name, p in (trained.named_parameters() if trained is not None else ()):
+            p.copy_(tensors[f"{TRAINED}{name}"])
 
 
 def check_resumable(path: Path) -> None:

@@ -34,6 +34,8 @@ def test_model_config_validation():
         ModelConfig(film_text="lstm")
     with pytest.raises(ValueError, match="film_gripper needs vision_film"):
         ModelConfig(vision="vit", vision_film=False, film_gripper=True)
+    with pytest.raises(ValueError, match="film_gripper_gate needs film_gripper"):
+        ModelConfig(film_gripper_gate=True)
 
 
 def test_tiny_model_overfits_with_both_decoders(tiny_model, training_batch):
@@ -120,12 +122,14 @@ def test_film_condition_sees_word_order_only_when_convolved(tiny_model, observat
     assert torch.allclose(embeds[0, image], embeds[1, image], atol=1e-6) == (film_text == "mean")
 
 
-@pytest.mark.parametrize("film_gripper", [False, True])
-def test_film_gripper_conditions_the_image_on_the_gripper_width(tiny_model, observations, film_gripper):
+@pytest.mark.parametrize("gripper", [{}, {"film_gripper": True}, {"film_gripper": True, "film_gripper_gate": True}],
+                         ids=["off", "added", "gate"])
+def test_film_gripper_conditions_the_image_on_the_gripper_width(tiny_model, observations, gripper):
     """Open fingers and fingers holding a cube give different image tokens with film_gripper (once
-    trained: FiLM starts as the identity), the same without it (the width then reaches the LM
-    through the state token alone)."""
-    model, processor = tiny_model(film_gripper=film_gripper)
+    trained: FiLM starts as the identity), added to the instruction's summary or scaling it; the
+    same without it (the width then reaches the LM through the state token alone)."""
+    film_gripper = bool(gripper)
+    model, processor = tiny_model(**gripper)
     with torch.no_grad():
         for film in model.image_encoder.convs.films:
             film.weight.normal_(0, 0.5)

@@ -65,7 +65,8 @@ def test_onnx_matches_torch_bins_on_cpu(exported, observations):
         assert torch_rt.predict(obs).shape == (batch, 2, 7)
 
 
-@pytest.mark.parametrize("film", [{"film_text": "conv"}, {"film_text": "conv", "film_gripper": True}])
+@pytest.mark.parametrize("film", [{"film_text": "conv"}, {"film_text": "conv", "film_gripper": True},
+                                  {"film_text": "conv", "film_gripper": True, "film_gripper_gate": True}])
 def test_onnx_export_of_a_convolved_film_condition(tmp_path, stats, observations, film):
     torch.manual_seed(0)
     model, processor = create(ModelConfig(**{**TINY, **film}), stats, CORPUS)

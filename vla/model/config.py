@@ -62,6 +62,10 @@ class ModelConfig:
     # closed on nothing), so that the convolutions can look for the object while the hand is empty
     # and for the destination once it holds it (place's phases).
     film_gripper: bool = False
+    # How: False adds an MLP of the width to the instruction's summary; True scales the summary by
+    # (1 + MLP), so that the width can re-weight what the instruction asks for but never stand in
+    # for it (added, it let some seeds learn the phase before the words, and never ground them).
+    film_gripper_gate: bool = False
     # ---- language model ----
     # Built from a transformers config of this model type and trained from scratch, unless
     # `pretrained` names a local directory holding a causal LM or, with vision: vlm, a VLM
@@ -122,6 +126,8 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.film_text must be one of {FILM_TEXT}, got {self.film_text!r}")
         if self.film_gripper and not (self.vision_film and "state" in self.sensors):
             raise ValueError("ModelConfig.film_gripper needs vision_film and the state in the prompt")
+        if self.film_gripper_gate and not self.film_gripper:
+            raise ValueError("ModelConfig.film_gripper_gate needs film_gripper")
         if self.vision_film and self.vision not in ("cnn", "keypoints"):
             raise ValueError("ModelConfig.vision_film needs a convolutional encoder (vision: cnn or keypoints)")
         if self.execution not in EXECUTIONS:

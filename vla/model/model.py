@@ -201,7 +201,8 @@ class VLAModel(nn.Module):
             condition = words.sum(1) / is_text.sum(1).clamp(min=1.0)
             if self.gripper_condition is not None:  # 1 open, ~0.5 holding a cube, 0 closed on nothing
                 width = state[:, STATE_SLICES["gripper_width"]].float() / GRIPPER_WIDTH_MAX
-                condition = condition + self.gripper_condition(width)
+                gripper = self.gripper_condition(width)
+                condition = condition * (1 + gripper) if self.config.film_gripper_gate else condition + gripper
             film = (condition,)
         encoders = {
             "image": lambda: self.image_encoder(image, *film),

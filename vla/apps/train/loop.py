@@ -130,6 +130,7 @@ def train(config: TrainConfig, index=None, resume: str | Path | None = None, pro
     model.to(procs.device).train()
     average = weight_average(model, config.optim.ema)  # from the checkpoint's weights: the average
     deployed = model if average is None else average.module  # what is validated and saved
+    trained = None if average is None else model  # kept in the trainer state beside the average
     wrapped = (
         DistributedDataParallel(model, device_ids=[procs.device.index] if procs.device.type == "cuda" else None)
         if procs.world > 1
@@ -139,7 +140,7 @@ def train(config: TrainConfig, index=None, resume: str | Path | None = None, pro
     scheduler = make_scheduler(optimizer, config.optim)
     start = 0
     if resume_dir is not None:
-        start = load_training_state(resume_dir, optimizer, scheduler, None if average is None else model)
+        start = load_training_state(resume_dir, optimizer, scheduler, trained)
         if average is not None:
             average.n_averaged.fill_(start)
     tasks = index.sample_tasks if config.data.task_balance else None
@@ -199,7 +200,7 @@ def train(config: TrainConfig, index=None, resume: str | Path | None = None, pro
         if procs.main and (save or evaluate_now):
             logger.pause()  # samples/s counts training only
             if save:
-                save_step(deployed, processor, config, out_dir, done, optimizer, scheduler, model)
+                save_step(deployed, processor, config, out_dir, done, optimizer, scheduler, trained)
             if evaluate_now:
                 logger.log_eval(done, evaluate(deployed, processor, config))
                 model.train()
@@ -225,7 +226,7 @@ def weight_average(model: VLAModel, decay: float) -> AveragedModel | None:
         return None
 
     def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor) -> None:
-        weight = 1 - min(decay, (1 + n.item()) / (10 + n.item()))
+        weight = 1 - ((1 + n) / (10 + n)).clamp(max=decay)  # a tensor: no device sync per step
         for a, c in zip(averaged, current):
             a.lerp_(c, weight)
 
@@ -271,17 +272,16 @@ def reduce_metrics(out: dict, procs: Processes) -> dict[str, float]:
 
 def save_step(
     model: VLAModel, processor: Processor, config: TrainConfig, out_dir: Path, step: int, optimizer, scheduler,
-    trained: VLAModel,
+    trained: VLAModel | None,
 ) -> None:
-    """A resumable checkpoint of `model` (the trained weights or their average): it appears,
-    trainer state (with the trained weights, when `model` is their average) included, only once complete."""
-    kept = None if trained is model else trained
+    """A resumable checkpoint of `model` (the trained weights, or their average with the `trained`
+    ones in the trainer state): it appears, trainer state included, only once complete."""
     save_checkpoint(
         out_dir / "checkpoints" / f"step_{step:07d}",
         merged_copy(model),
         processor,
         {"training": to_dict(config), "step": step},
-        also=lambda staging: save_training_state(staging, step, optimizer, scheduler, kept),
+        also=lambda staging: save_training_state(staging, step, optimizer, scheduler, trained),
     )
     for old in step_checkpoints(out_dir)[: -config.keep_checkpoints]:
         shutil.rmtree(old)

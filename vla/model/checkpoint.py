@@ -242,7 +242,7 @@ def _check_lm_config(config: ModelConfig, lm_config, file: Path) -> None:
     differ = [f"model.{ours}={getattr(config, ours)} but lm_config.{theirs}={_quote(getattr(lm_config, theirs, None))}"
               for ours, theirs in pairs.items() if getattr(config, ours) != getattr(lm_config, theirs, None)]
     if config.lm_type != lm_config.model_type:
-        differ.append(f"model.lm_type={config.lm_type} but lm_config is {lm_config.model_type}")
+        differ.append(f"model.lm_type={_quote(config.lm_type)} but lm_config is {_quote(lm_config.model_type)}")
     if differ:
         raise CheckpointError(f"{file}: the model section does not match the LM config ({'; '.join(differ)})")
 

@@ -150,6 +150,7 @@ def test_sim_node_in_real_time_and_its_reset_service(ros):
     ros.start("sim_node", step_on_command=False, auto_reset=False, max_steps=10, seed=7, start_delay=600.0)
     ros.spin_until(lambda: all(s.get_publisher_count() for s in subscriptions), 30, "the sim's publishers")
     answer = ros.call(Trigger, "/sim_node/reset", Trigger.Request(), took_effect=lambda: bool(infos))
+    ros.spin_until(lambda: bool(infos), 30, "the first episode's info")  # the answer may come before it
     assert infos[0]["seed"] == 7 and (answer is None or json.loads(answer.message)["seed"] == 7)  # the first episode
     ros.spin_until(lambda: any(i["done"] for i in infos), 30, "the end of the episode")
     assert (infos[-1]["seed"], infos[-1]["steps"]) == (7, 10), infos

@@ -34,7 +34,7 @@ def test_model_config_validation():
         ModelConfig(film_text="lstm")
     with pytest.raises(ValueError, match="film_gripper needs vision_film"):
         ModelConfig(vision="vit", vision_film=False, film_gripper=True)
-    with pytest.raises(ValueError, match="film_gripper_gate needs film_gripper"):
+    with pytest.raises(ValueError, match="film_gripper_gate and film_gripper_dropout need film_gripper"):
         ModelConfig(film_gripper_gate=True)
 
 
@@ -143,6 +143,28 @@ def test_film_gripper_conditions_the_image_on_the_gripper_width(tiny_model, obse
         embeds = model.embed_prefix(**inputs)[0]
     image = inputs["text_ids"][0] == model.ids.placeholders["image"]
     assert torch.allclose(embeds[0, image], embeds[1, image], atol=1e-6) != film_gripper
+
+
+def test_film_gripper_dropout_leaves_the_width_out_of_some_training_samples_only(tiny_model, observations):
+    """With film_gripper_dropout, about that share of training samples gets image tokens as if the
+    width were not in the FiLM condition; at inference every sample has it."""
+    model, processor = tiny_model(film_gripper=True, film_gripper_dropout=0.5)
+    with torch.no_grad():
+        for film in model.image_encoder.convs.films:
+            film.weight.normal_(0, 0.5)
+        model.gripper_condition[2].weight.normal_(0, 0.5)
+    inputs = processor.inputs([observations(1)[0]] * 64)
+    image = inputs["text_ids"][0] == model.ids.placeholders["image"]
+    with torch.no_grad():
+        with_width = model.eval().embed_prefix(**inputs)[0][:, image]
+        training = model.train().embed_prefix(**inputs)[0][:, image]
+        model.gripper_condition = None  # the condition without the width
+        without = model.embed_prefix(**inputs)[0][:, image]
+    assert torch.allclose(with_width, with_width[:1].expand_as(with_width), atol=1e-6)
+    dropped = torch.tensor([torch.allclose(t, without[0], atol=1e-6) for t in training])
+    kept = torch.tensor([torch.allclose(t, with_width[0], atol=1e-6) for t in training])
+    assert not torch.allclose(with_width[0], without[0], atol=1e-6)
+    assert torch.all(dropped ^ kept) and 16 <= int(dropped.sum()) <= 48
 
 
 def test_sensors_follow_the_prompt(tiny_model, training_batch):

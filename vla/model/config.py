@@ -66,6 +66,11 @@ class ModelConfig:
     # (1 + MLP), so that the width can re-weight what the instruction asks for but never stand in
     # for it (added, it let some seeds learn the phase before the words, and never ground them).
     film_gripper_gate: bool = False
+    # In training, the share of samples whose FiLM condition leaves the width out (modality dropout):
+    # the convolutions must then find the object from the words alone, so the width cannot stand in
+    # for them (as it did, added, for seeds 1 and 2 of all-tasks-cpu.yaml: the instruction's share of
+    # the FiLM condition fell to nothing and the policy never grounded its words).
+    film_gripper_dropout: float = 0.0
     # ---- language model ----
     # Built from a transformers config of this model type and trained from scratch, unless
     # `pretrained` names a local directory holding a causal LM or, with vision: vlm, a VLM
@@ -126,8 +131,10 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.film_text must be one of {FILM_TEXT}, got {self.film_text!r}")
         if self.film_gripper and not (self.vision_film and "state" in self.sensors):
             raise ValueError("ModelConfig.film_gripper needs vision_film and the state in the prompt")
-        if self.film_gripper_gate and not self.film_gripper:
-            raise ValueError("ModelConfig.film_gripper_gate needs film_gripper")
+        if (self.film_gripper_gate or self.film_gripper_dropout) and not self.film_gripper:
+            raise ValueError("ModelConfig.film_gripper_gate and film_gripper_dropout need film_gripper")
+        if not 0 <= self.film_gripper_dropout < 1:
+            raise ValueError(f"ModelConfig.film_gripper_dropout must be in [0, 1), got {self.film_gripper_dropout}")
         if self.vision_film and self.vision not in ("cnn", "keypoints"):
             raise ValueError("ModelConfig.vision_film needs a convolutional encoder (vision: cnn or keypoints)")
         if self.execution not in EXECUTIONS:

@@ -202,6 +202,8 @@ class VLAModel(nn.Module):
             if self.gripper_condition is not None:  # 1 open, ~0.5 holding a cube, 0 closed on nothing
                 width = state[:, STATE_SLICES["gripper_width"]].float() / GRIPPER_WIDTH_MAX
                 gripper = self.gripper_condition(width)
+                if self.training and self.config.film_gripper_dropout:
+                    gripper = gripper * (torch.rand_like(width) >= self.config.film_gripper_dropout)
                 condition = condition * (1 + gripper) if self.config.film_gripper_gate else condition + gripper
             film = (condition,)
         encoders = {

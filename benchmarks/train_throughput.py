@@ -1,6 +1,7 @@
 """Training speed: samples/s of one training step (forward, backward, gradient clipping, AdamW) of a
 recipe's model, its FLOPs per sample (torch's FlopCounterMode, forward + backward) and the share of
-a fp32 matmul peak measured in the same run, against a baseline recipe measured in the same run.
+a matmul peak of its precision (fp32, or bf16 with precision: bf16) measured in the same run, against
+a baseline recipe measured in the same run.
 
     python benchmarks/train_throughput.py [--config policies/configs/quickstart-cpu.yaml]
         [--baseline policies/configs/quickstart-cpu.yaml -b model.token_merge=1 -b model.max_text_tokens=8]
@@ -18,13 +19,14 @@ import argparse
 import os
 import time
 import warnings
+from contextlib import nullcontext
 
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from sim import language
-from vla.apps.train.loop import make_optimizer
+from vla.apps.train.loop import make_optimizer, mixed_precision
 from vla.apps.train.recipe import TrainConfig, load_config
 from vla.contracts.action import ACTION_DIM, ACTION_HIGH, ACTION_LOW
 from vla.contracts.observation import IMU_CHANNELS, STATE_DIM
@@ -50,9 +52,9 @@ def synthetic_batch(processor, size: int, tasks: list[str], seed: int = 0) -> di
     return processor.batch(samples)
 
 
-def matmul_peak(n: int = 1024, reps: int = 20) -> float:
-    """GFLOP/s of a fp32 n x n matmul on the threads torch uses."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak(dtype: torch.dtype, n: int = 1024, reps: int = 20) -> float:
+    """GFLOP/s of an n x n matmul of this dtype on the threads torch uses."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(3):
         a @ b
     start = time.perf_counter()
@@ -68,15 +70,20 @@ def measure(config: TrainConfig, steps: int, warmup: int) -> dict:
     optimizer = make_optimizer(model, config.optim, torch.device("cpu"))
     size = config.optim.batch_size
     batch = synthetic_batch(processor, size, config.data.tasks)
+    autocast = mixed_precision(model, config.precision, torch.device("cpu"))
 
     def step():
-        model(**batch)["loss"].backward()
+        with autocast:
+            loss = model(**batch)["loss"]
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     with FlopCounterMode(display=False) as counter:
-        model(**batch)["loss"].backward()
+        with autocast:
+            loss = model(**batch)["loss"]
+        loss.backward()
     optimizer.zero_grad(set_to_none=True)
     for _ in range(warmup):
         step()
@@ -91,6 +98,7 @@ def measure(config: TrainConfig, steps: int, warmup: int) -> dict:
         "tokens": config.model.prefix_length + config.model.action_tokens,
         "samples_per_s": size / seconds,
         "gflop_per_sample": counter.get_total_flops() / size / 1e9,
+        "dtype": torch.float32 if isinstance(autocast, nullcontext) else torch.bfloat16,
     }
 
 
@@ -111,15 +119,18 @@ def main() -> None:
         "baseline": load_config(args.baseline, BASELINE if args.baseline_override is None else args.baseline_override),
         "candidate": load_config(args.config, args.override),
     }
-    peak = matmul_peak()
+    dtypes = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+    peaks = {dtype: matmul_peak(dtype) for dtype in dtypes}
     results = {name: measure(config, args.steps, args.warmup) for name, config in runs.items()}
-    peak = max(peak, matmul_peak())  # before and after: the better of two, on a machine others share
-    print(f"fp32 matmul peak {peak:.1f} GFLOP/s on {args.threads} thread(s), load {os.getloadavg()[0]:.1f}")
+    for dtype in dtypes:  # before and after: the better of two, on a machine others share
+        peaks[dtype] = max(peaks[dtype], matmul_peak(dtype))
+    print(", ".join(f"{name} matmul peak {peaks[dtype]:.1f} GFLOP/s" for dtype, name in dtypes.items())
+          + f" on {args.threads} thread(s), load {os.getloadavg()[0]:.1f}")
     for name, r in results.items():
-        achieved = r["samples_per_s"] * r["gflop_per_sample"]
+        achieved, peak = r["samples_per_s"] * r["gflop_per_sample"], peaks[r["dtype"]]
         print(f"{name:9s} {r['params'] / 1e6:.2f} M params, up to {r['tokens']} tokens: "
               f"{r['samples_per_s']:6.0f} samples/s, {r['gflop_per_sample']:.3f} GFLOP/sample, "
-              f"{achieved:.1f} GFLOP/s = {100 * achieved / peak:.0f} % of peak")
+              f"{achieved:.1f} GFLOP/s = {100 * achieved / peak:.0f} % of the {dtypes[r['dtype']]} peak")
     ratio = results["candidate"]["samples_per_s"] / results["baseline"]["samples_per_s"]
     print(f"candidate / baseline: {ratio:.2f}x samples/s (target >= 2x)")
 

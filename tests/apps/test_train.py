@@ -166,6 +166,8 @@ def test_overrides_and_config_errors(tmp_path):
         load_config("policies/configs/quickstart-cpu.yaml", ["data.collect.randomize=wind"])
     with pytest.raises(ConfigError, match="execution"):
         load_config("policies/configs/quickstart-cpu.yaml", ["model.execution=sometimes"])
+    with pytest.raises(ConfigError, match="precision must be auto, bf16 or fp32"):
+        load_config("policies/configs/quickstart-cpu.yaml", ["precision=fp16"])
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
 
@@ -291,6 +293,20 @@ def test_training_on_cuda_with_bf16_autocast(tmp_path):
     )
     assert next(model.parameters()).is_cuda and next(model.parameters()).dtype == torch.float32
     assert all(np.isfinite(v) for v in losses(tmp_path / "run").values())
+
+
+def test_bf16_training_on_cpu(tmp_path):
+    """precision: bf16 runs the forward pass under CPU autocast (eager attention), weights stay fp32;
+    its first loss is fp32's within bf16's rounding, and not bit-identical (autocast did run)."""
+    first = {}
+    for precision in ("fp32", "bf16"):
+        model = train(recipe(tmp_path / precision, precision=precision), index=FakeIndex(), progress=False)
+        assert next(model.parameters()).dtype == torch.float32
+        first[precision] = losses(tmp_path / precision / "run")
+        assert all(np.isfinite(v) for v in first[precision].values())
+    assert model.lm.config._attn_implementation == "eager"
+    a, b = first["fp32"][1], first["bf16"][1]
+    assert 0 < abs(a - b) < 0.05 * a
 
 
 def test_task_balanced_batches_hold_every_task_equally():

@@ -93,6 +93,10 @@ class TrainConfig:
     out_dir: str = "runs/quickstart"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
+    # auto: bf16 autocast on CUDA, fp32 on CPU. bf16 on CPU pays only where the CPU has bf16
+    # matrix units (AMX, AVX512-BF16): there the all-task model trains ~1.5x faster (benchmarks/
+    # train_throughput.py); elsewhere torch emulates bf16 and it is slower.
+    precision: str = "auto"  # auto | bf16 | fp32
     threads: int = 0  # torch CPU threads (0: torch's default)
     log_every: int = 10
     save_every: int = 500  # steps between resumable checkpoints (the last step is always saved)
@@ -114,6 +118,8 @@ class TrainConfig:
             raise ValueError("log_every, save_every, keep_checkpoints must be positive; eval.every, eval.episodes >= 0")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if not 0 <= self.data.instruction_noise <= 1 or self.data.image_shift < 0 or self.data.rephrase < 0:
             raise ValueError("data.instruction_noise must be in 0..1, data.image_shift and data.rephrase >= 0")
         unknown = [t for t in self.data.tasks if t not in TASKS]

@@ -19,7 +19,6 @@ import argparse
 import os
 import time
 import warnings
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -98,7 +97,7 @@ def measure(config: TrainConfig, steps: int, warmup: int) -> dict:
         "tokens": config.model.prefix_length + config.model.action_tokens,
         "samples_per_s": size / seconds,
         "gflop_per_sample": counter.get_total_flops() / size / 1e9,
-        "dtype": torch.float32 if isinstance(autocast, nullcontext) else torch.bfloat16,
+        "dtype": getattr(autocast, "fast_dtype", torch.float32),  # no autocast: fp32
     }
 
 

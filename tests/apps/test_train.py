@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 from collections import Counter
 from pathlib import Path
@@ -307,6 +308,25 @@ def test_bf16_training_on_cpu(tmp_path):
     assert model.lm.config._attn_implementation == "eager"
     a, b = first["fp32"][1], first["bf16"][1]
     assert 0 < abs(a - b) < 0.05 * a
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="inductor on CPU needs a C++ compiler")
+def test_compiled_training_learns_as_eager(tmp_path):
+    """compile: true trains the same model as eager: the compiled graphs ran, and the losses of every
+    step match eager's within float rounding."""
+    torch._dynamo.reset()
+    for compiled in (False, True):
+        train(recipe(tmp_path / str(compiled), compile=compiled), index=FakeIndex(), progress=False)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
+    eager, compiled = losses(tmp_path / "False" / "run"), losses(tmp_path / "True" / "run")
+    assert eager.keys() == compiled.keys()
+    np.testing.assert_allclose(list(compiled.values()), list(eager.values()), rtol=1e-4)
+
+
+def test_compile_without_a_cpp_compiler_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    with pytest.raises(ConfigError, match="needs a C\\+\\+ compiler"):
+        train(recipe(tmp_path, compile=True), index=FakeIndex(), progress=False)
 
 
 def test_task_balanced_batches_hold_every_task_equally():

@@ -99,6 +99,16 @@ def mixed_precision(model: VLAModel, precision: str, device: torch.device):
     return torch.autocast(device.type, torch.bfloat16)
 
 
+def compile_model(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """torch.compile (inductor). Instruction lengths differ between batches: after the first new
+    length it compiles one kernel for any length instead of one per length."""
+    compiler = os.environ.get("CXX", "g++")
+    if device.type == "cpu" and shutil.which(compiler) is None:
+        raise ConfigError(f"compile: true on CPU needs a C++ compiler for inductor; {compiler!r} was not found "
+                          "(install g++ or set CXX, or set compile: false)")
+    return torch.compile(module)
+
+
 def make_scheduler(optimizer, optim: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup, then cosine decay from lr to min_lr at the last step."""
     floor = optim.min_lr / optim.lr
@@ -151,6 +161,8 @@ def train(config: TrainConfig, index=None, resume: str | Path | None = None, pro
         if procs.world > 1
         else model
     )
+    if config.compile:
+        wrapped = compile_model(wrapped, procs.device)
     optimizer = make_optimizer(model, config.optim, procs.device)
     scheduler = make_scheduler(optimizer, config.optim)
     start = 0

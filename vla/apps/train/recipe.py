@@ -97,6 +97,10 @@ class TrainConfig:
     # matrix units (AMX, AVX512-BF16): there the all-task model trains ~1.5x faster (benchmarks/
     # train_throughput.py); elsewhere torch emulates bf16 and it is slower.
     precision: str = "auto"  # auto | bf16 | fp32
+    # torch.compile the training forward and backward (inductor): it fuses the casts and elementwise
+    # work that dominate a small model's step. The first steps compile (minutes on 2 cores; on CPU
+    # inductor writes C++, so a compiler is needed). Validation and checkpoints use the plain model.
+    compile: bool = False
     threads: int = 0  # torch CPU threads (0: torch's default)
     log_every: int = 10
     save_every: int = 500  # steps between resumable checkpoints (the last step is always saved)

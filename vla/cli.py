@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
+
+from tqdm import tqdm
 
 from vla.apps import JobError
 
@@ -36,6 +39,12 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line each, as the jobs' own (not the source line that raised them), and
+    above the progress bars, not inside them."""
+    tqdm.write(f"warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -46,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vla: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
     args = build_parser(command).parse_args(rest)
+    warnings.showwarning = show_warning
     try:
         result = importlib.import_module(COMMANDS[command][0]).run(args)
     except (JobError, ValueError, FileNotFoundError) as exc:  # the user's to fix: one line, no traceback

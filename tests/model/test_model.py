@@ -8,6 +8,7 @@ import torch
 
 from vla.contracts.observation import STATE_SLICES
 from vla.model import ModelConfig
+from vla.model.model import drop_padding
 from vla.runtime import torch_runtime
 
 
@@ -181,17 +182,23 @@ def test_merged_image_tokens(tiny_model, training_batch, observations):
     assert torch_runtime(model, processor).predict(observations(1)).shape == (1, 2, 7)
 
 
-def test_training_drops_common_padding_without_changing_the_loss(tiny_model, training_batch):
+def test_dropping_common_padding_leaves_the_loss(tiny_model, training_batch):
     """Columns that are padding in every row cost compute and change nothing: the loss is the same
-    with max_text_tokens 8 or 40."""
-    losses = []
-    for max_text_tokens in (8, 40):
-        model, processor = tiny_model(max_text_tokens=max_text_tokens)
-        model.eval()
-        batch = training_batch(processor, 3)[0]
+    with max_text_tokens 40, trimmed to the longest instruction, or to a multiple of 8 columns."""
+    model, processor = tiny_model(max_text_tokens=40)
+    model.eval()
+    batch = training_batch(processor, 3)[0]
+    longest = int(batch["text_mask"].any(0).sum())
+    losses = {}
+    for multiple in (None, 1, 8):
+        ids, mask = (batch["text_ids"], batch["text_mask"]) if multiple is None else drop_padding(
+            batch["text_ids"], batch["text_mask"], multiple)
+        assert ids.shape == mask.shape and ids.shape[1] == (
+            batch["text_ids"].shape[1] if multiple is None else -(-longest // multiple) * multiple)
         with torch.no_grad():
-            losses.append(model(**batch)["loss"].item())
-    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+            losses[multiple] = model(**(batch | {"text_ids": ids, "text_mask": mask}))["loss"].item()
+    assert losses[1] == pytest.approx(losses[None], rel=1e-5) and losses[8] == pytest.approx(losses[None], rel=1e-5)
+    assert longest % 8, "the example should need padding to the multiple"
 
 
 @pytest.mark.parametrize("vision", ["vit", "keypoints"])

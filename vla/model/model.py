@@ -322,8 +322,8 @@ class VLAModel(nn.Module):
     ) -> dict:
         """Teacher-forced losses of the configured decoders. action_bins int64[B, k, 7] (the target
         action tokens), action_mask bool[B, k] (False past the end of an episode). -> dict of scalar
-        tensors: loss (their sum), loss_<decoder> and accuracy_<decoder> (of the argmax bins)."""
-        text_ids, text_mask = drop_padding(text_ids, text_mask)
+        tensors: loss (their sum), loss_<decoder> and accuracy_<decoder> (of the argmax bins). Callers
+        that train trim the text first (drop_padding): the same losses, less work."""
         prefix = self.embed_prefix(image, state, imu, text_ids, text_mask, wrist_image, text_features)
         targets = action_bins.flatten(1)  # [B, k * 7]
         weights = action_mask.repeat_interleave(ACTION_DIM, dim=1).float()
@@ -364,9 +364,13 @@ def _fill(embeds: torch.Tensor, where: torch.Tensor, tokens: torch.Tensor) -> to
     return torch.where(where.unsqueeze(-1), gathered.to(embeds.dtype), embeds)
 
 
-def drop_padding(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop the columns that are padding in every row. Padding shifts no position and is attended by
-    nothing, so the outputs are the same; training pays for the batch's longest instruction, not
-    for max_text_tokens. (Inference keeps the fixed length: static shapes for ONNX and CUDA graphs.)"""
+def drop_padding(ids: torch.Tensor, mask: torch.Tensor, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the columns that are padding in every row, keeping a multiple of `multiple` columns
+    (a compiled model then meets a few lengths, not every one). Padding shifts no position and is
+    attended by nothing, so the outputs are the same; training pays for the batch's longest
+    instruction, not for max_text_tokens. (Inference keeps the fixed length: static shapes for ONNX
+    and CUDA graphs.) Done before forward, not in it: a data-dependent shape splits a compiled graph."""
     keep = mask.any(0)
+    spare = (-int(keep.sum())) % multiple
+    keep[(~keep).nonzero()[:spare, 0]] = True
     return (ids, mask) if bool(keep.all()) else (ids[:, keep], mask[:, keep])

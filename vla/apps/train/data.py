@@ -16,6 +16,7 @@ from sim.config import randomization
 from vla.apps.collect import record_dataset
 from vla.apps.train.recipe import DataConfig, TrainConfig
 from vla.data.index import EpisodeIndex
+from vla.model.model import drop_padding
 from vla.model.processor import Processor
 from vla.model.text import normalize_instruction
 
@@ -76,11 +77,12 @@ class BatchSchedule:
         return [int(self.members[g][rng.integers(len(self.members[g]))]) for g in slots]
 
 
-def collate(samples: dict, processor: Processor, device: torch.device, data: DataConfig, seed: int = 0
-            ) -> dict[str, torch.Tensor]:
+def collate(samples: dict, processor: Processor, device: torch.device, data: DataConfig, seed: int = 0,
+            text_multiple: int = 1) -> dict[str, torch.Tensor]:
     """index.batch(...) -> the keyword arguments of VLAModel.forward on `device`, augmented as `data`
     says (random per sample, drawn from `seed`): instructions rephrased, a share with made-up words,
-    images shifted."""
+    images shifted; the text trimmed to the batch's longest instruction (to a multiple of
+    `text_multiple` columns)."""
     rng = np.random.default_rng(seed)
     texts = samples["instruction"]
     if data.rephrase:
@@ -89,6 +91,7 @@ def collate(samples: dict, processor: Processor, device: torch.device, data: Dat
         texts = [noisy_instruction(text, rng) if rng.random() < data.instruction_noise else text for text in texts]
     samples = {**samples, "instruction": texts}
     batch = processor.batch(samples)
+    batch["text_ids"], batch["text_mask"] = drop_padding(batch["text_ids"], batch["text_mask"], text_multiple)
     if data.image_shift:
         generator = torch.Generator().manual_seed(seed)
         for key in ("image", "wrist_image"):

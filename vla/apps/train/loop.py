@@ -99,9 +99,14 @@ def mixed_precision(model: VLAModel, precision: str, device: torch.device):
     return torch.autocast(device.type, torch.bfloat16)
 
 
+# A compiled model recompiles for each new sequence length (the model's shape arithmetic keeps
+# torch from compiling one graph for any length): batches are padded to a multiple of 8 columns,
+# so the all-task recipe meets 2-3 lengths (its prefixes hold 33-43 columns).
+COMPILED_TEXT_MULTIPLE = 8
+
+
 def compile_model(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """torch.compile (inductor). Instruction lengths differ between batches: after the first new
-    length it compiles one kernel for any length instead of one per length."""
+    """torch.compile (inductor), for batches of a few lengths (COMPILED_TEXT_MULTIPLE)."""
     compiler = os.environ.get("CXX", "g++")
     if device.type == "cpu" and shutil.which(compiler) is None:
         raise ConfigError(f"compile: true on CPU needs a C++ compiler for inductor; {compiler!r} was not found "
@@ -196,6 +201,7 @@ def train(config: TrainConfig, index=None, resume: str | Path | None = None, pro
             procs.device,
             config.data,
             seed=(config.seed * 1_000_003 + step) * 64 + procs.rank,
+            text_multiple=COMPILED_TEXT_MULTIPLE if config.compile else 1,
         )
         with autocast:
             out = wrapped(**batch)

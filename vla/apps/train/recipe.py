@@ -94,7 +94,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     # auto: bf16 autocast on CUDA, fp32 on CPU. bf16 on CPU pays only where the CPU has bf16
-    # matrix units (AMX, AVX512-BF16): there the all-task model trains ~1.5x faster (benchmarks/
+    # matrix units (AMX, AVX512-BF16): there the all-task model trains ~1.7x faster (benchmarks/
     # train_throughput.py); elsewhere torch emulates bf16 and it is slower.
     precision: str = "auto"  # auto | bf16 | fp32
     # torch.compile the training forward and backward (inductor): it fuses the casts and elementwise

@@ -26,18 +26,18 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from sim import language
-from vla.apps.train.loop import COMPILED_TEXT_MULTIPLE, compile_model, make_optimizer, mixed_precision
-from vla.apps.train.recipe import TrainConfig, load_config
+from vla.apps.train.data import collate
+from vla.apps.train.loop import compile_model, make_optimizer, mixed_precision, text_multiple
+from vla.apps.train.recipe import DataConfig, TrainConfig, load_config
 from vla.contracts.action import ACTION_DIM, ACTION_HIGH, ACTION_LOW
 from vla.contracts.observation import IMU_CHANNELS, STATE_DIM
 from vla.model import create
 from vla.model.checkpoint import untrained_stats
-from vla.model.model import drop_padding
 
 BASELINE = ["model.token_merge=1", "model.max_text_tokens=8"]
 
 
-def synthetic_batch(processor, size: int, tasks: list[str], seed: int = 0, text_multiple: int = 1
+def synthetic_batch(processor, size: int, tasks: list[str], seed: int = 0, multiple: int = 1
                     ) -> dict[str, torch.Tensor]:
     c, rng = processor.config, np.random.default_rng(seed)
     image = (c.image_size, c.image_size, 3)
@@ -51,9 +51,7 @@ def synthetic_batch(processor, size: int, tasks: list[str], seed: int = 0, text_
     }
     if c.wrist_camera:
         samples["wrist_image"] = rng.integers(0, 256, (size, *image), dtype=np.uint8)
-    batch = processor.batch(samples)
-    batch["text_ids"], batch["text_mask"] = drop_padding(batch["text_ids"], batch["text_mask"], text_multiple)
-    return batch
+    return collate(samples, processor, torch.device("cpu"), DataConfig(), text_multiple=multiple)  # no augmentation
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 1024, reps: int = 20) -> float:
@@ -74,8 +72,7 @@ def measure(config: TrainConfig, steps: int, warmup: int) -> dict:
     optimizer = make_optimizer(model, config.optim, torch.device("cpu"))
     size = config.optim.batch_size
     # a few batches: instruction lengths differ between them, as between training batches
-    multiple = COMPILED_TEXT_MULTIPLE if config.compile else 1  # as training pads them
-    batches = [synthetic_batch(processor, size, config.data.tasks, seed, multiple) for seed in range(4)]
+    batches = [synthetic_batch(processor, size, config.data.tasks, seed, text_multiple(config)) for seed in range(4)]
     autocast = mixed_precision(model, config.precision, torch.device("cpu"))
     forward = compile_model(model, torch.device("cpu")) if config.compile else model
 

@@ -99,14 +99,15 @@ def mixed_precision(model: VLAModel, precision: str, device: torch.device):
     return torch.autocast(device.type, torch.bfloat16)
 
 
-# A compiled model recompiled for every new sequence length (torch's automatic dynamic shapes did
-# not take, and it stops compiling after 8): batches are padded to a multiple of 8 columns, so the
-# all-task recipe meets 3 lengths (32, 40 and its full 43).
-COMPILED_TEXT_MULTIPLE = 8
+def text_multiple(config: TrainConfig) -> int:
+    """The multiple a batch's text columns are padded to. A compiled model recompiled for every new
+    sequence length (torch's automatic dynamic shapes did not take, and it stops compiling after 8):
+    at a multiple of 8 the all-task recipe meets 3 lengths (32, 40 and its full 43)."""
+    return 8 if config.compile else 1
 
 
 def compile_model(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """torch.compile (inductor), for batches of a few lengths (COMPILED_TEXT_MULTIPLE)."""
+    """torch.compile (inductor), for batches of a few lengths (text_multiple)."""
     compiler = os.environ.get("CXX", "g++")
     if device.type == "cpu" and shutil.which(compiler) is None:
         raise ConfigError(f"compile: true on CPU needs a C++ compiler for inductor; {compiler!r} was not found "
@@ -201,7 +202,7 @@ def train(config: TrainConfig, index=None, resume: str | Path | None = None, pro
             procs.device,
             config.data,
             seed=(config.seed * 1_000_003 + step) * 64 + procs.rank,
-            text_multiple=COMPILED_TEXT_MULTIPLE if config.compile else 1,
+            text_multiple=text_multiple(config),
         )
         with autocast:
             out = wrapped(**batch)

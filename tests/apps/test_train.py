@@ -21,7 +21,7 @@ from sim import language
 from sim.config import DISTURBANCE
 from vla.apps.replay import replay
 from vla.apps.train.data import BatchSchedule, noisy_instruction, random_shift, rephrased
-from vla.apps.train.loop import TrainingError, train, weight_average
+from vla.apps.train.loop import TrainingError, busy_warning, train, weight_average
 from vla.apps.train.recipe import TrainConfig, load_config
 from vla.cli import main as vla_main
 from vla.config import ConfigError
@@ -327,6 +327,14 @@ def test_compile_without_a_cpp_compiler_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler")
     with pytest.raises(ConfigError, match="needs a C\\+\\+ compiler"):
         train(recipe(tmp_path, compile=True), index=FakeIndex(), progress=False)
+
+
+def test_training_threads_beyond_the_free_cores_are_warned_of():
+    assert busy_warning(threads=2, load=0.3, cores=2) is None  # an idle machine
+    assert busy_warning(threads=1, load=1.2, cores=2) is None  # one core left, one thread
+    message = busy_warning(threads=2, load=1.1, cores=2)  # beside another 1-thread run
+    assert "load 1.1 on 2 cores" in message and "threads=1" in message
+    assert "threads=1" in busy_warning(threads=8, load=7.8, cores=8)  # never advises 0 threads
 
 
 def test_task_balanced_batches_hold_every_task_equally():

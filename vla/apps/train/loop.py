@@ -128,6 +128,17 @@ def make_scheduler(optimizer, optim: OptimConfig) -> torch.optim.lr_scheduler.La
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def busy_warning(threads: int, load: float, cores: int) -> str | None:
+    """Why training may crawl: more compute threads than the cores other work leaves free. Each
+    parallel region waits for its slowest thread, so a descheduled one stalls them all (measured
+    2026-12-03: 2 threads beside a 1-thread run on 2 cores, 0.5 steps/s against ~3.9 with 1 thread)."""
+    free = max(1, round(cores - load))
+    if threads <= free:
+        return None
+    return (f"the machine is busy (load {load:.1f} on {cores} cores): {threads} training threads may run several "
+            f"times slower than {free}; set threads: {free} (-o threads={free})")
+
+
 def train(config: TrainConfig, index=None, resume: str | Path | None = None, progress: bool = True) -> VLAModel:
     """Train; -> the trained (unwrapped) model. `index` replaces the recipe's dataset (tests);
     `resume` is a step checkpoint directory, or "latest" for the newest complete one in out_dir."""
@@ -135,6 +146,10 @@ def train(config: TrainConfig, index=None, resume: str | Path | None = None, pro
     out_dir = Path(config.out_dir)
     if config.threads:
         torch.set_num_threads(config.threads)
+    if procs.main and procs.device.type == "cpu":
+        warning = busy_warning(torch.get_num_threads(), os.getloadavg()[0], len(os.sched_getaffinity(0)))
+        if warning:
+            warnings.warn(warning, stacklevel=2)
     seed_everything(config.seed)
     if index is None:  # rank 0 records and caches the dataset, then the others open it
         if procs.main:

@@ -228,11 +228,7 @@ def _ddp_worker(rank: int, world: int, port: int, tmp_path) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank)
     )
-    model = train(
-        recipe(tmp_path, optim={"steps": 3, "batch_size": 8, "lr": 1e-2}, device="cpu"),
-        index=FakeIndex(),
-        progress=False,
-    )
+    model = train(load_config(tmp_path / "recipe.yaml"), index=FakeIndex(), progress=False)
     safetensors.torch.save_model(model, str(tmp_path / f"rank{rank}.safetensors"))
     torch.distributed.destroy_process_group()
 
@@ -241,6 +237,8 @@ def test_ddp_on_cpu_keeps_ranks_identical(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # written once, here: ranks that each wrote it could read another's half-written file
+    recipe(tmp_path, optim={"steps": 3, "batch_size": 8, "lr": 1e-2}, device="cpu")
     mp.spawn(_ddp_worker, args=(2, port, tmp_path), nprocs=2)
     weights = [safetensors.torch.load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]
     assert weights[0].keys() == weights[1].keys()

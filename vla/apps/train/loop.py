@@ -131,7 +131,8 @@ def make_scheduler(optimizer, optim: OptimConfig) -> torch.optim.lr_scheduler.La
 def busy_warning(threads: int, load: float, cores: int) -> str | None:
     """Why training may crawl: more compute threads than the cores other work leaves free. Each
     parallel region waits for its slowest thread, so a descheduled one stalls them all (measured
-    2026-12-03: 2 threads beside a 1-thread run on 2 cores, 0.5 steps/s against ~3.9 with 1 thread)."""
+    2026-12-03, a 2 M-parameter model: 2 threads beside a 1-thread run on 2 cores, 0.5 steps/s against
+    ~3.9 with 1 thread)."""
     free = max(1, round(cores - load))
     if threads <= free:
         return None

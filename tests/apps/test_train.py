@@ -7,6 +7,9 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -21,7 +24,7 @@ from sim import language
 from sim.config import DISTURBANCE
 from vla.apps.replay import replay
 from vla.apps.train.data import BatchSchedule, noisy_instruction, random_shift, rephrased
-from vla.apps.train.loop import TrainingError, busy_warning, train, weight_average
+from vla.apps.train.loop import TrainingError, busy_warning, other_busy_cores, train, weight_average
 from vla.apps.train.recipe import TrainConfig, load_config
 from vla.cli import main as vla_main
 from vla.config import ConfigError
@@ -328,11 +331,22 @@ def test_compile_without_a_cpp_compiler_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_training_threads_beyond_the_free_cores_are_warned_of():
-    assert busy_warning(threads=2, load=0.3, cores=2) is None  # an idle machine
-    assert busy_warning(threads=1, load=1.2, cores=2) is None  # one core left, one thread
-    message = busy_warning(threads=2, load=1.1, cores=2)  # beside another 1-thread run
-    assert "load 1.1 on 2 cores" in message and "threads=1" in message
-    assert "threads=1" in busy_warning(threads=8, load=7.8, cores=8)  # never advises 0 threads
+    assert busy_warning(threads=2, busy=0.3, cores=2) is None  # an idle machine
+    assert busy_warning(threads=1, busy=1.2, cores=2) is None  # one core left, one thread
+    message = busy_warning(threads=2, busy=1.1, cores=2)  # beside another 1-thread run
+    assert "use 1.1 of 2 cores" in message and "threads=1" in message
+    assert "threads=1" in busy_warning(threads=8, busy=7.8, cores=8)  # never advises 0 threads
+
+
+def test_the_cores_other_processes_use_are_measured_now():
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        busy = other_busy_cores(interval=0.5)
+    finally:
+        burner.kill()
+        burner.wait()
+    assert 0.25 <= busy <= os.cpu_count() + 0.01  # the burner's share, however loaded the machine
 
 
 def test_task_balanced_batches_hold_every_task_equally():

@@ -128,16 +128,37 @@ def make_scheduler(optimizer, optim: OptimConfig) -> torch.optim.lr_scheduler.La
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def busy_warning(threads: int, load: float, cores: int) -> str | None:
+def other_busy_cores(interval: float = 0.5) -> float | None:
+    """Cores other processes keep busy now, from /proc/stat's counters over `interval` while this one
+    sleeps; None where there is no /proc/stat. (The load average lags by a minute: just after other
+    work it still reads busy.)"""
+    try:
+        busy_before, total_before = _cpu_times()
+        time.sleep(interval)
+        busy_after, total_after = _cpu_times()
+    except OSError:
+        return None
+    return (os.cpu_count() or 1) * (busy_after - busy_before) / max(1, total_after - total_before)
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(busy, total) clock ticks of all CPUs since boot."""
+    with open("/proc/stat") as stat:
+        user, nice, system, idle, iowait, irq, softirq, steal = map(int, stat.readline().split()[1:9])
+    total = user + nice + system + idle + iowait + irq + softirq + steal
+    return total - idle - iowait, total
+
+
+def busy_warning(threads: int, busy: float, cores: int) -> str | None:
     """Why training may crawl: more compute threads than the cores other work leaves free. Each
     parallel region waits for its slowest thread, so a descheduled one stalls them all (measured
     2026-12-03, a 2 M-parameter model: 2 threads beside a 1-thread run on 2 cores, 0.5 steps/s against
     ~3.9 with 1 thread)."""
-    free = max(1, round(cores - load))
+    free = max(1, round(cores - busy))
     if threads <= free:
         return None
-    return (f"the machine is busy (load {load:.1f} on {cores} cores): {threads} training threads may run several "
-            f"times slower than {free}; set threads: {free} (-o threads={free})")
+    return (f"the machine is busy (other processes use {busy:.1f} of {cores} cores): {threads} training threads "
+            f"may run several times slower than {free}; set threads: {free} (-o threads={free})")
 
 
 def train(config: TrainConfig, index=None, resume: str | Path | None = None, progress: bool = True) -> VLAModel:
@@ -148,7 +169,8 @@ def train(config: TrainConfig, index=None, resume: str | Path | None = None, pro
     if config.threads:
         torch.set_num_threads(config.threads)
     if procs.main and procs.device.type == "cpu":
-        warning = busy_warning(torch.get_num_threads(), os.getloadavg()[0], len(os.sched_getaffinity(0)))
+        busy = other_busy_cores()
+        warning = busy is not None and busy_warning(torch.get_num_threads(), busy, os.cpu_count() or 1)
         if warning:
             warnings.warn(warning, stacklevel=2)
     seed_everything(config.seed)

@@ -168,9 +168,10 @@ def train(config: TrainConfig, index=None, resume: str | Path | None = None, pro
     out_dir = Path(config.out_dir)
     if config.threads:
         torch.set_num_threads(config.threads)
-    if procs.main and procs.device.type == "cpu":
+    threads = torch.get_num_threads()
+    if procs.main and procs.device.type == "cpu" and threads > 1:  # one thread always has a core to share
         busy = other_busy_cores()
-        warning = busy is not None and busy_warning(torch.get_num_threads(), busy, os.cpu_count() or 1)
+        warning = busy is not None and busy_warning(threads, busy, os.cpu_count() or 1)
         if warning:
             warnings.warn(warning, stacklevel=2)
     seed_everything(config.seed)

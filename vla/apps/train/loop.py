@@ -161,6 +161,14 @@ def busy_warning(threads: int, busy: float, cores: int) -> str | None:
             f"may run several times slower than {free}; set threads: {free} (-o threads={free})")
 
 
+def warn_if_busy(threads: int) -> None:
+    """One line when `threads` exceed the cores other processes leave free (one thread always has one)."""
+    busy = other_busy_cores() if threads > 1 else None
+    message = None if busy is None else busy_warning(threads, busy, os.cpu_count() or 1)
+    if message:
+        warnings.warn(message, stacklevel=3)
+
+
 def train(config: TrainConfig, index=None, resume: str | Path | None = None, progress: bool = True) -> VLAModel:
     """Train; -> the trained (unwrapped) model. `index` replaces the recipe's dataset (tests);
     `resume` is a step checkpoint directory, or "latest" for the newest complete one in out_dir."""
@@ -168,12 +176,8 @@ def train(config: TrainConfig, index=None, resume: str | Path | None = None, pro
     out_dir = Path(config.out_dir)
     if config.threads:
         torch.set_num_threads(config.threads)
-    threads = torch.get_num_threads()
-    if procs.main and procs.device.type == "cpu" and threads > 1:  # one thread always has a core to share
-        busy = other_busy_cores()
-        warning = busy is not None and busy_warning(threads, busy, os.cpu_count() or 1)
-        if warning:
-            warnings.warn(warning, stacklevel=2)
+    if procs.main and procs.device.type == "cpu":
+        warn_if_busy(torch.get_num_threads())
     seed_everything(config.seed)
     if index is None:  # rank 0 records and caches the dataset, then the others open it
         if procs.main:

@@ -76,6 +76,12 @@ def test_an_interrupted_save_leaves_the_old_checkpoint(saved, tmp_path):
     assert not (tmp_path / "new").exists()  # a checkpoint directory appears only complete
 
 
+def _another_runs_tokenizer(path):
+    """The tokenizer of a run trained on other instructions: as many tokens, other ids."""
+    size = json.loads((path / "config.json").read_text())["tokenizer"]["text_vocab_size"]
+    build_tokenizer(["put the yellow ball in the bin", "push the red cube left"], size).save_pretrained(path)
+
+
 def _edit_config(path, edit):
     meta = json.loads((path / "config.json").read_text())
     edit(meta)
@@ -167,6 +173,7 @@ def _flip_weights(path):
             "output_hidden_states",
         ),
         (lambda p: (p / "tokenizer.json").unlink(), "tokenizer.json", "missing"),
+        (_another_runs_tokenizer, "tokenizer.json", "checksum"),
         (lambda p: _edit_config(p, lambda m: m["tokenizer"].update(text_vocab_size=5)), "tokenizer.json", "5"),
     ],
 )
@@ -179,11 +186,14 @@ def test_corrupt_or_mismatched_checkpoints_fail_clearly(saved, tmp_path, damage,
 
 
 def test_checkpoints_without_a_checksum_and_with_another_dtype_load(saved, tmp_path, observations):
-    """Checkpoints saved before the weights' checksum still load; a dtype in the LM config does not
+    """Checkpoints saved before the weights' and tokenizer's checksums still load; a dtype in the LM config does not
     change the float32 model that is built."""
     model, processor, _ = saved
     path = copy_of(saved, tmp_path)
-    _edit_config(path, lambda m: (m.pop("weights_sha256"), m["lm_config"].update(dtype="float16")))
+    _edit_config(
+        path,
+        lambda m: (m.pop("weights_sha256"), m["tokenizer"].pop("sha256"), m["lm_config"].update(dtype="float16")),
+    )
     loaded, loaded_processor = load_checkpoint(path)
     assert next(loaded.parameters()).dtype == torch.float32
     obs = observations(2)

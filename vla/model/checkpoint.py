@@ -3,14 +3,15 @@
     config.json        format + version, ModelConfig, the dataset's statistics (action quantiles,
                        state and IMU mean/std; a pretrained image encoder's mean/std), the LM's (or
                        VLM's) transformers config, a pretrained vision encoder's, tokenizer facts
-                       (its size, the first action bin's id), the weights' sha256, library
+                       (its size, the first action bin's id, its file's sha256), the weights' sha256, library
                        versions, and whatever the trainer adds (its config, the step)
     model.safetensors  all weights (safetensors: loading never unpickles code)
     tokenizer.json     the text tokenizer (+ tokenizer_config.json), PreTrainedTokenizerFast
 
 The checkpoint is self-contained: a pretrained backbone is rebuilt from the saved transformers
 configs, not from its original directory. A checkpoint directory appears only once complete. Loading checks
-every file (the config's types and bounds, the statistics, the weights' checksum and shapes) and
+every file (the config's types and bounds, the statistics, the weights' and tokenizer's checksums, the
+shapes) and
 fails with CheckpointError naming the file and the problem.
 """
 from __future__ import annotations
@@ -96,7 +97,8 @@ def save_checkpoint(path: str | Path, model: VLAModel, processor: Processor, ext
             "format": FORMAT, "format_version": FORMAT_VERSION,
             "model": to_dict(model.config), "stats": processor.stats, "lm_config": model.lm.config.to_dict(),
             **({"vision_config": model.vision_tower.config.to_dict()} if model.config.vision == "pretrained" else {}),
-            "tokenizer": {"text_vocab_size": len(processor.tokenizer), "action_token_offset": model.action_offset},
+            "tokenizer": {"text_vocab_size": len(processor.tokenizer), "action_token_offset": model.action_offset,
+                          "sha256": file_sha256(staging / TOKENIZER_FILE)},
             **({"vocabulary": sorted(processor.vocabulary)} if processor.vocabulary is not None else {}),
             "weights_sha256": weights_sha256(staging), "versions": versions(), **(extra or {}),
         }
@@ -108,8 +110,12 @@ def save_checkpoint(path: str | Path, model: VLAModel, processor: Processor, ext
 
 def weights_sha256(checkpoint: str | Path) -> str:
     """sha256 of a checkpoint's weights file (also what ties an ONNX export to its checkpoint)."""
+    return file_sha256(Path(checkpoint) / WEIGHTS_FILE)
+
+
+def file_sha256(file: Path) -> str:
     digest = hashlib.sha256()
-    with open(Path(checkpoint) / WEIGHTS_FILE, "rb") as f:
+    with open(file, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -291,6 +297,14 @@ def _vocabulary(words, file: Path) -> frozenset[str] | None:
 def _load_tokenizer(path: Path, meta: dict):
     if not (path / TOKENIZER_FILE).is_file():
         raise CheckpointError(f"{path / TOKENIZER_FILE}: missing (the text tokenizer)")
+    # The tokenizer is trained on each run's instructions: another run's file loads without complaint
+    # and turns every instruction into other ids (a reach policy fell from 100 to 10 %). Checkpoints
+    # saved before the checksum have none.
+    sha256 = meta["tokenizer"].get("sha256")
+    if sha256 is not None and file_sha256(path / TOKENIZER_FILE) != sha256:
+        raise CheckpointError(
+            f"{path / TOKENIZER_FILE}: does not match the checksum in config.json (from another checkpoint?)"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as exc:  # tokenizers raises bare Exceptions on malformed JSON

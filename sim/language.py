@@ -90,13 +90,19 @@ VERBS["synonyms"], FRAMES["synonyms"] = VERBS["heldout"], FRAMES["heldout"]
 # the slots of `words` each task's phrasings name
 TASK_SLOTS = {"reach": ("colour", "shape"), "pick": ("colour", "shape"),
               "push": ("colour", "shape", "direction"), "place": ("colour", "shape", "bin_colour")}
+# the tasks a request names without its verb: push by a direction, place by a bin
+NAMED_WITHOUT_VERB = tuple(task for task, slots in TASK_SLOTS.items() if len(slots) > 2)
 
 
-def instruction(task: str, words: dict[str, str], split: str, rng: np.random.Generator) -> str:
-    """A request to do `task` with this episode's `words`, phrased from `split`."""
+def instruction(task: str, words: dict[str, str], split: str, rng: np.random.Generator,
+                verb_word: str | None = None) -> str:
+    """A request to do `task` with this episode's `words`, phrased from `split`; `verb_word`
+    replaces the verb's first word ("shift the red cube left" from "push the red cube left")."""
     if split not in SPLITS:
         raise ValueError(f"unknown phrasing split {split!r}; choose from {SPLITS}")
     verb = _pick(VERBS[split][task], rng)
+    if verb_word is not None:
+        verb = f"{verb_word} {verb.split(' ', 1)[1]}"
     frame = _pick(FRAMES[split], rng)
     colours, shapes, bins = NAMES[split]
     obj = f"{_pick(colours[words['colour']], rng)} {_pick(shapes[words.get('shape', 'cube')], rng)}"

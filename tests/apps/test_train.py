@@ -139,6 +139,29 @@ def test_rephrasing_keeps_the_request_and_forgets_the_episode():
         assert rephrased(text, 4, rng) == text
 
 
+def test_unknown_verbs_keep_what_else_names_the_task():
+    rng = np.random.default_rng(0)
+    push_words = {"colour": "red", "shape": "cube", "direction": "left"}
+    push = language.instruction("push", push_words, "train", rng)
+    texts = [rephrased(push, 4, rng, unknown_verb=1.0) for _ in range(100)]
+    push_verbs = {verb.split()[0] for verb in language.VERBS["train"]["push"]}
+    for text in texts:
+        assert language.parse(text) is None and not set(text.split()) & push_verbs, text  # no known verb
+        assert set(text.split()) & set(language.COLOUR_WORDS["red"]), text
+        assert any(w in text for w in language.DIRECTION_WORDS["left"]), text
+    assert len(set(texts)) > 80  # a new made-up verb each time
+    place = language.instruction("place", {"colour": "red", "shape": "cube", "bin_colour": "blue"}, "train", rng)
+    assert all(set(rephrased(place, 4, rng, unknown_verb=1.0).split()) & set(language.COLOUR_WORDS["blue"])
+               for _ in range(20))
+    pick = language.instruction("pick", {"colour": "red", "shape": "cube"}, "train", rng)
+    pool = {rephrased(pick, 4, rng) for _ in range(100)}
+    assert all(rephrased(pick, 4, rng, unknown_verb=1.0) in pool for _ in range(20))  # its verb names the task
+    # off (0) leaves the random stream and so every other sample as it was
+    a, b = np.random.default_rng(5), np.random.default_rng(5)
+    assert [rephrased(push, 4, a) for _ in range(20)] == [rephrased(push, 4, b, unknown_verb=0.0) for _ in range(20)]
+    assert rephrased(push, 0, rng) == push
+
+
 def test_the_phrasing_grammar_parses_what_it_writes():
     rng = np.random.default_rng(1)
     for split in language.SPLITS:
@@ -166,6 +189,8 @@ def test_overrides_and_config_errors(tmp_path):
         load_config("policies/configs/quickstart-cpu.yaml", ["data.tasks=[fly]"])
     with pytest.raises(ConfigError, match="instruction_noise"):
         load_config("policies/configs/quickstart-cpu.yaml", ["data.instruction_noise=1.5"])
+    with pytest.raises(ConfigError, match="unknown_verb"):
+        load_config("policies/configs/quickstart-cpu.yaml", ["data.unknown_verb=-0.1"])
     with pytest.raises(ConfigError, match=r"data\.collect\.randomize: unknown randomisation 'wind'"):
         load_config("policies/configs/quickstart-cpu.yaml", ["data.collect.randomize=wind"])
     with pytest.raises(ConfigError, match="execution"):

@@ -85,8 +85,8 @@ def collate(samples: dict, processor: Processor, device: torch.device, data: Dat
     `text_multiple` columns)."""
     rng = np.random.default_rng(seed)
     texts = samples["instruction"]
-    if data.rephrase:
-        texts = [rephrased(text, data.rephrase, rng) for text in texts]
+    if data.rephrase or data.unknown_verb:
+        texts = [rephrased(text, data.rephrase, rng, data.unknown_verb) for text in texts]
     if data.instruction_noise:
         texts = [noisy_instruction(text, rng) if rng.random() < data.instruction_noise else text for text in texts]
     samples = {**samples, "instruction": texts}
@@ -109,11 +109,18 @@ def random_shift(images: torch.Tensor, shift: int, generator: torch.Generator) -
     return torch.stack(crops).permute(0, 2, 3, 1).to(torch.uint8)
 
 
-def rephrased(text: str, variants: int, rng: np.random.Generator) -> str:
-    """One of `variants` training phrasings of `text`'s request, or `text` itself when the training
-    grammar could not have written it (a person's words, another dataset's)."""
+def rephrased(text: str, variants: int, rng: np.random.Generator, unknown_verb: float = 0.0) -> str:
+    """One of `variants` training phrasings of `text`'s request (0: `text` itself), or `text` when the
+    training grammar could not have written it (a person's words, another dataset's). A share
+    `unknown_verb` of push and place requests get a made-up verb instead: what else they say (a
+    direction, a bin) names the task, which a verb training never saw ("shift") must not hide."""
     parsed = request(text)
-    return text if parsed is None else phrasing(*parsed, int(rng.integers(variants)))
+    if parsed is None:
+        return text
+    task, words = parsed
+    if unknown_verb and task in language.NAMED_WITHOUT_VERB and rng.random() < unknown_verb:
+        return language.instruction(task, dict(words), "train", rng, verb_word=made_up_word(rng))
+    return phrasing(task, words, int(rng.integers(variants))) if variants else text
 
 
 @functools.lru_cache(maxsize=65536)
@@ -137,6 +144,9 @@ def noisy_instruction(text: str, rng: np.random.Generator) -> str:
     tokens: the longest training phrasing, 17 tokens, still fits 32)."""
     words = text.split()
     for _ in range(rng.integers(1, 3)):
-        word = "".join(rng.choice(LETTERS, rng.integers(2, 7)))
-        words.insert(rng.integers(len(words) + 1), word)
+        words.insert(rng.integers(len(words) + 1), made_up_word(rng))
     return " ".join(words)
+
+
+def made_up_word(rng: np.random.Generator) -> str:
+    return "".join(rng.choice(LETTERS, rng.integers(2, 7)))

@@ -41,6 +41,10 @@ class DataConfig:
     # (1928 of 2000 recorded instructions are distinct, and a pretrained text encoder tells them
     # apart); 0: off
     rephrase: int = 0
+    # augmentation: the share of push and place requests whose verb is a made-up word, so that a
+    # direction or a bin names the task when the verb is one training never saw (the default: push
+    # 82 % told "push the {obj} {direction}", 30 % told "shift ..."); 0: off
+    unknown_verb: float = 0.0
     # every batch holds the tasks in equal shares, not in proportion to their samples (reach
     # episodes are the shortest: ~12 % of the samples of an all-task dataset)
     task_balance: bool = False
@@ -124,8 +128,10 @@ class TrainConfig:
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
-        if not 0 <= self.data.instruction_noise <= 1 or self.data.image_shift < 0 or self.data.rephrase < 0:
-            raise ValueError("data.instruction_noise must be in 0..1, data.image_shift and data.rephrase >= 0")
+        if not (0 <= self.data.instruction_noise <= 1 and 0 <= self.data.unknown_verb <= 1):
+            raise ValueError("data.instruction_noise and data.unknown_verb must be in 0..1")
+        if self.data.image_shift < 0 or self.data.rephrase < 0:
+            raise ValueError("data.image_shift and data.rephrase must be >= 0")
         unknown = [t for t in self.data.tasks if t not in TASKS]
         if unknown or not self.data.tasks:
             raise ValueError(f"data.tasks: unknown task(s) {unknown}; choose from {sorted(TASKS)}")

@@ -11,8 +11,7 @@
 The checkpoint is self-contained: a pretrained backbone is rebuilt from the saved transformers
 configs, not from its original directory. A checkpoint directory appears only once complete. Loading checks
 every file (the config's types and bounds, the statistics, the weights' and tokenizer's checksums, the
-shapes) and
-fails with CheckpointError naming the file and the problem.
+shapes) and fails with CheckpointError naming the file and the problem.
 """
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ class ScriptedExpert:
     target is reached, so demonstrations converge before every switch and the fingers close for three
     steps before a lift. A stateless variant that switched as soon as contacts and distances allowed
     (8c6768c) was more robust to injected mistakes, but the small all-task model did not learn from its
-    shorter demonstrations (policies/configs/all-tasks-cpu.yaml)."""
+    shorter demonstrations (docs/all-tasks-cpu.md)."""
 
     def __init__(self, env):
         self.env = env.unwrapped

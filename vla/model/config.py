@@ -93,7 +93,7 @@ class ModelConfig:
     # How a policy executes the chunks (policies.vla_policy): "ensemble", a chunk every step, their
     # predictions for now averaged (ACT); "chunk", a chunk played open-loop, then the next. Part of
     # the checkpoint because the better one depends on the model: the all-task model picks 83 % with
-    # "chunk", 43 % with "ensemble" (all-tasks-cpu.yaml).
+    # "chunk", 43 % with "ensemble" (docs/all-tasks-cpu.md).
     execution: str = "ensemble"
 
     def __post_init__(self):

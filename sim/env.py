@@ -31,8 +31,10 @@ START_LOW, START_HIGH = np.array([0.35, -0.15, 0.18]), np.array([0.55, 0.15, 0.3
 # Random streams of an episode besides its main one (np.random.default_rng(seed): start pose,
 # objects, instruction, IMU), each derived from the seed alone, so that a randomisation switch
 # never changes what another draws: a seed means the same scene whatever the switches. ("takeover":
-# the step vla collect's scripted expert takes over from a checkpoint, --expert-takeover.)
-STREAMS = {"shades": 1, "camera": 2, "lighting": 3, "language": 4, "disturbance": 5, "takeover": 6, "same_colour": 7}
+# the step vla collect's scripted expert takes over from a checkpoint, --expert-takeover; "miss":
+# whether and how far its first grasp misses, --missed-grasps.)
+STREAMS = {"shades": 1, "camera": 2, "lighting": 3, "language": 4, "disturbance": 5, "takeover": 6, "same_colour": 7,
+           "miss": 8}
 RESET_OPTIONS = ("instruction",)
 CLOSING = 0.5  # a gripper command (opening, 1 open) below this closes the hand: info["first_close"]
 
@@ -115,6 +117,7 @@ class TabletopEnv(gym.Env):
         if "instruction" in options:
             self.instruction = self._phrase(options["instruction"])
         self.steps, self.touched, self.stages, self.first_close = 0, None, set(), None
+        self.closures, self._last_opening = 0, 1.0  # times the hand was commanded shut from open: 2+ is a retry
         self._settle()
         return self._observation(), self._info(False)
 
@@ -128,8 +131,11 @@ class TabletopEnv(gym.Env):
         ee = self.robot.ee_pose()[0]
         success = self.task.success(self.scene, ee, self.robot.body)
         self.touched = self.touched or self._first_touched(ee)
+        if action[-1] < CLOSING <= self._last_opening:
+            self.closures += 1
         if self.first_close is None and action[-1] < CLOSING:
             self.first_close = self._nearest_object(ee)
+        self._last_opening = action[-1]
         self.stages |= self.task.reached_stages(self.scene, ee, self.robot.body)
         truncated = self.steps >= self.max_steps and not success
         return self._observation(), float(success), success, truncated, self._info(success) | {"action": action}
@@ -263,5 +269,6 @@ class TabletopEnv(gym.Env):
             "touched": self.touched,
             # the gripper first commanded closed (opening < CLOSING): the nearest object; None before
             "first_close": self.first_close,
+            "closures": self.closures,
             "stages": [stage for stage in self.task.stages if stage in self.stages],  # reached so far
         }

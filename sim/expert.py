@@ -29,17 +29,33 @@ class ScriptedExpert:
     (8c6768c) was more robust to injected mistakes, but the small all-task model did not learn from its
     shorter demonstrations (docs/all-tasks-cpu.md)."""
 
-    def __init__(self, env):
+    def __init__(self, env, miss: float = 0.0):
+        """`miss` > 0: the first grasp of each episode closes that far (m) beside the cube, then the
+        expert notices and tries again: demonstrations of recovering from a missed grasp, worth
+        learning from the step after the miss on (`expert_from`)."""
+        if not 0 <= miss < 0.1:
+            raise ValueError(f"miss must be in [0, 0.1) m, got {miss}")
         self.env = env.unwrapped
         self.spec = self.env.config.spec
+        self.miss_distance, self.miss = miss, np.zeros(2)  # miss: (x, y) m off the cube, while pending
+        self.steps, self.missed_at = 0, None
 
     def reset(self, instruction: str = "") -> None:
         """Start from the current state: mid-episode (taking over from a learned policy) a cube
         already in the fingers is carried on with, anything else starts from the approach."""
         self.phase, self.wait = 0, 0
+        self.steps, self.missed_at, self.miss = 0, None, np.zeros(2)
         task = self.env.task
         if isinstance(task, Pick | Place) and task.target is not None and self._holds(task.target):
             self.phase = 3
+
+    @property
+    def expert_from(self) -> int | None:
+        """With `miss`, in pick and place: the first step after the missed grasp (all steps so far, if
+        it has not missed yet). None otherwise: every step is worth learning from."""
+        if self.missed_at is not None:
+            return self.missed_at
+        return self.steps if self.miss_distance and isinstance(self.env.task, Pick | Place) else None
 
     def _holds(self, obj) -> bool:
         """Both fingers on `obj` and it off the table."""
@@ -47,7 +63,19 @@ class ScriptedExpert:
         fingers = {c[3] for c in p.getContactPoints(robot.body, obj.body, physicsClientId=scene.client)}
         return len(fingers) >= 2 and scene.position(obj)[2] > CUBE_HALF + 0.005
 
+    def _miss_offset(self, cube, yaw: float) -> np.ndarray:
+        """(x, y) off the cube along the finger pads (so the fingers close on nothing rather than
+        land on it), on the side with more room from the other objects."""
+        along = self.miss_distance * np.array([np.cos(yaw), np.sin(yaw)])
+        pos, scene = self.env.scene.position(cube)[:2], self.env.scene
+        others = [scene.position(o)[:2] for o in scene.objects if o is not cube]
+        return max((along, -along), key=lambda off: min((np.linalg.norm(pos + off - o) for o in others), default=0))
+
     def act(self, obs=None) -> np.ndarray:
+        self.steps += 1
+        return self._act()
+
+    def _act(self) -> np.ndarray:
         task = self.env.task
         if isinstance(task, Reach):
             return self._reach(task)
@@ -104,14 +132,17 @@ class ScriptedExpert:
         """Phases 0-2 of picking `cube`; returns None once it is held."""
         pos = self.env.scene.position(cube)
         yaw = self._aligned_yaw(cube)
+        if self.miss_distance and self.missed_at is None and not self.miss.any():
+            self.miss = self._miss_offset(cube, yaw)
+        aim = pos[:2] + self.miss
         if self.phase == 0:  # above the cube, fingers open and aligned
-            above = [pos[0], pos[1], HOVER]
+            above = [*aim, HOVER]
             yaw_ok = abs(_wrap(yaw - self._gripper_yaw(), 2 * np.pi)) < 0.08
             if self._near(above, 0.015) and yaw_ok:
                 self.phase = 1
             return self._move(above, OPEN, yaw)
         if self.phase == 1:  # down around it
-            target = [pos[0], pos[1], max(pos[2] - 0.005, 0.012)]
+            target = [*aim, max(pos[2] - 0.005, 0.012)]
             if self._near(target, 0.008):
                 self.phase, self.wait = 2, 0
             return self._move(target, OPEN, yaw)
@@ -119,6 +150,8 @@ class ScriptedExpert:
             self.wait += 1
             if self.wait >= 3:
                 self.phase = 3
+                if self.miss.any():
+                    self.miss, self.missed_at = np.zeros(2), self.steps
             return self._move(self._pose()[0], CLOSED)
         if pos[2] < CUBE_HALF + 0.005 and self._pose()[0][2] > pos[2] + 0.04:
             self.phase = 0  # it slipped out: start over

@@ -145,3 +145,22 @@ def test_expert_takeover_records_corrections_that_replay_and_train_from_the_take
     assert vla([*command[:-2], "--expert-takeover", "20"]) == 2 and "expert_from" in capsys.readouterr().err
     assert vla([*command[:-4], "--expert-takeover", "20"]) == 2
     assert "needs a checkpoint --policy" in capsys.readouterr().err
+
+
+def test_missed_grasps_record_retries_that_train_from_the_miss(tmp_path, capsys):
+    data = tmp_path / "retries"
+    command = ["collect", "--task", "pick,reach", "--episodes", "3", "--out", str(data), "--missed-grasps", "1"]
+    assert vla(command) == 0
+    picks = [e for e in _listed(data) if e["task"] == "pick"]
+    reaches = [e for e in _listed(data) if e["task"] == "reach"]
+    assert all(0.03 <= e["miss"] <= 0.04 for e in picks) and not any("miss" in e for e in reaches)
+    assert not any("expert_from" in e for e in reaches)  # nothing to miss: every step trains
+    kept = [e for e in picks if e["success"]]
+    assert len(kept) >= 2  # the expert tries again after the miss
+    assert all(8 <= e["expert_from"] < e["steps"] - 8 for e in kept)  # a retry, after the miss
+    index = EpisodeIndex(data, tasks=["pick"], chunk=4, progress=False)
+    assert len(index) == sum(e["steps"] - e["expert_from"] for e in kept)
+    assert min(index.batch(range(len(index)))["step"]) == min(e["expert_from"] for e in kept)
+    assert vla(command) == 0 and "already recorded" in capsys.readouterr().out  # resumes the same draws
+    assert vla(command[:-2]) == 2 and "miss" in capsys.readouterr().err  # recorded with misses
+    assert vla([*command[:-1], "1.5"]) == 2 and "--missed-grasps" in capsys.readouterr().err

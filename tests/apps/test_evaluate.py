@@ -126,5 +126,7 @@ def test_vla_eval_reports_the_stages_a_policy_reached(tmp_path, capsys):
     closes = report["first_close"]["pick"]  # where the gripper first closed: shares of the episodes
     assert sum(closes.values()) == pytest.approx(1.0)
     assert closes["never"] == pytest.approx(np.mean([e["first_close"] is None for e in episodes]))
+    assert report["closed_again"]["pick"] == pytest.approx(np.mean([e["closures"] >= 2 for e in episodes]))
+    assert all((e["closures"] == 0) == (e["first_close"] is None) for e in episodes)
     out = capsys.readouterr().out
-    assert "stages reached" in out and "gripper first closed at" in out
+    assert "stages reached" in out and "gripper first closed at" in out and "closed again" in out

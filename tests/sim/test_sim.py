@@ -7,6 +7,7 @@ import pytest
 from policies import load_policy
 from sim import ENV_IDS, TASKS, SimConfig, make_env
 from sim.env import CLOSING
+from sim.expert import ScriptedExpert
 from sim.scene import COLOURS
 from vla.contracts import MAX_TRANSLATION, STATE_DIM, state_from_joints
 
@@ -80,8 +81,9 @@ def test_expert_solves_task_through_every_stage(task):
         successes += info["success"]
         if info["success"]:
             assert info["stages"] == list(TASKS[task].stages)
-            if "lifted" in TASKS[task].stages:  # it closes the gripper at the cube first
+            if "lifted" in TASKS[task].stages:  # it closes the gripper at the cube first, and once
                 assert info["first_close"]["object"] == info["target"] and info["first_close"]["distance"] < 0.02
+                assert info["closures"] == 1
     assert successes >= 3
 
 
@@ -109,6 +111,36 @@ def test_expert_recovers_from_a_policys_mistakes(task, expert_robustness):
     (missed grasps, dropped cubes), the expert still succeeds."""
     success, _ = expert_robustness.run(task, episodes=5, perturb=0.3, first_seed=2000)
     assert success >= 0.8  # 4 of 5
+
+
+@pytest.mark.parametrize("task", ["pick", "place"])
+def test_an_expert_told_to_miss_closes_beside_the_cube_then_tries_again(task):
+    """ScriptedExpert(miss=): the first grasp closes on nothing beside the cube; the expert notices,
+    opens and grasps again; `expert_from` is the step after the miss, when the cube still lies there."""
+    env = make_env(task)
+    expert = ScriptedExpert(env, miss=0.035)
+    successes = 0
+    for seed in range(3):
+        obs, _ = env.reset(seed=1000 + seed)
+        expert.reset(obs["instruction"])
+        gripper = []
+        while True:
+            action = expert.act(obs)
+            gripper.append(action[-1])
+            obs, _, terminated, truncated, info = env.step(action)
+            if len(gripper) == expert.expert_from:
+                assert "lifted" not in env.unwrapped.stages
+            if terminated or truncated:
+                break
+        closed = np.array(gripper) < CLOSING
+        assert info["first_close"]["object"] == info["target"] and info["first_close"]["distance"] > 0.025
+        assert closed[: expert.expert_from].any() and not closed[expert.expert_from:].all()  # it opens again
+        assert info["closures"] >= 2 or not info["success"]
+        successes += info["success"]
+    assert successes >= 2
+    assert ScriptedExpert(env).expert_from is None  # an expert that does not miss: every step counts
+    with pytest.raises(ValueError, match="miss"):
+        ScriptedExpert(env, miss=-0.01)
 
 
 def test_an_expert_taking_over_mid_place_carries_on_with_the_cube_it_finds_held():

@@ -9,6 +9,8 @@ Workers (spawned processes) each write whole episodes; this process owns the man
 DAgger-style corrections: `--policy CHECKPOINT --expert-takeover N` lets the checkpoint drive each
 episode for a random 0..N steps (drawn from the episode's seed) before the scripted expert takes
 over; training reads only the expert's steps (episode metadata `expert_from`).
+Retries: `--missed-grasps SHARE` has the expert close the first grasp of that share of pick and place
+episodes 3-4 cm beside the cube, then notice and try again; training reads them from the miss on.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from policies import load_policy
 from policies.takeover import ExpertTakeover
 from sim import SimConfig, make_env
 from sim.env import stream
+from sim.expert import ScriptedExpert
 from vla.apps.rollout import add_randomize_argument, parse_tasks, randomize_settings
 from vla.data.dataset import DatasetWriter, dir_bytes, partial_episode, publish_episode
 from vla.data.record import record_episode, versions
@@ -46,6 +49,7 @@ class Job:
     sim_config: dict
     versions: dict
     expert_from: int | None = None  # the step the scripted expert takes over from the policy
+    miss: float = 0.0  # m beside the cube where the expert's first grasp closes (0: no miss)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--expert-takeover", type=int, metavar="N",
                         help="with a checkpoint --policy: the scripted expert takes over after a random 0..N "
                              "steps; only its steps are trained on (DAgger-style corrections)")
+    parser.add_argument("--missed-grasps", type=float, default=0.0, metavar="SHARE",
+                        help="share of pick and place episodes whose first grasp the expert closes beside "
+                             "the cube, then retries; they are trained on from the miss on")
     add_randomize_argument(parser)
 
 
@@ -72,7 +79,7 @@ def run(args) -> int:
                        **randomize_settings(args))
     start = time.perf_counter()
     infos = record_dataset(args.out, parse_tasks(args.task), args.episodes, args.policy, config, args.seed, args.append,
-                           args.workers, expert_takeover=args.expert_takeover)
+                           args.workers, expert_takeover=args.expert_takeover, missed_grasps=args.missed_grasps)
     if infos:
         elapsed = time.perf_counter() - start
         rate = sum(i["success"] for i in infos) / len(infos)
@@ -83,17 +90,22 @@ def run(args) -> int:
 
 
 def record_dataset(out: str | Path, tasks: list[str], episodes: int, policy: str, config: SimConfig, seed: int = 0,
-                   append: bool = False, workers: int = 1, log=print, expert_takeover: int | None = None) -> list[dict]:
+                   append: bool = False, workers: int = 1, log=print, expert_takeover: int | None = None,
+                   missed_grasps: float = 0.0) -> list[dict]:
     """Record `episodes` per task into the dataset `out` (created), or what an interrupted recording
     left missing of them (with `append`: that many more). -> the new episodes' metadata.
-    With `expert_takeover` N, the checkpoint `policy` drives 0..N steps, then the scripted expert."""
+    With `expert_takeover` N, the checkpoint `policy` drives 0..N steps, then the scripted expert.
+    With `missed_grasps`, that share of pick and place episodes starts with a missed grasp."""
     if policy not in ("expert", "random") and not Path(policy).is_dir():
         raise ValueError(f"unknown policy {policy!r}: use 'expert', 'random' or a checkpoint directory")
     if expert_takeover is not None and (policy in ("expert", "random") or expert_takeover < 0):
         raise ValueError("--expert-takeover needs a checkpoint --policy and a number of steps >= 0, "
                          f"got {policy!r} and {expert_takeover}")
+    if missed_grasps and (policy != "expert" or not 0 < missed_grasps <= 1):
+        raise ValueError(f"--missed-grasps needs --policy expert and a share in (0, 1], "
+                         f"got {policy!r} and {missed_grasps}")
     with DatasetWriter(out, log=log) as dataset:
-        jobs = plan(dataset, tasks, episodes, policy, config, seed, append, expert_takeover)
+        jobs = plan(dataset, tasks, episodes, policy, config, seed, append, expert_takeover, missed_grasps)
         done = len(dataset.episodes)
         if not jobs:
             log(f"{out}: all {done} episodes already recorded" + ("" if append else " (use --append to add more)"))
@@ -118,7 +130,7 @@ def _with_defaults(sim_config):
 
 
 def plan(dataset: DatasetWriter, tasks: list[str], episodes: int, policy: str, config: SimConfig, seed: int,
-         append: bool, expert_takeover: int | None = None) -> list[Job]:
+         append: bool, expert_takeover: int | None = None, missed_grasps: float = 0.0) -> list[Job]:
     """The episodes still to record: ids 0.. (or after the last with append), `episodes` per task."""
     done = {e["episode"]: e for e in dataset.episodes}
     first = max(done, default=-1) + 1 if append else 0
@@ -127,10 +139,12 @@ def plan(dataset: DatasetWriter, tasks: list[str], episodes: int, policy: str, c
     for i in range(len(tasks) * episodes):
         episode, task = first + i, tasks[i // episodes]
         expert_from = None if expert_takeover is None else _takeover_step(seed + episode, expert_takeover)
+        miss = _miss_distance(seed + episode, missed_grasps) if task in ("pick", "place") else 0.0
         if episode in done:
-            _check_same_collection(dataset.root, done[episode], task, policy, sim_config, seed + episode, expert_from)
+            _check_same_collection(dataset.root, done[episode], task, policy, sim_config, seed + episode, expert_from,
+                                   miss)
             continue
-        jobs.append(Job(str(dataset.root), episode, task, seed + episode, policy, sim_config, found, expert_from))
+        jobs.append(Job(str(dataset.root), episode, task, seed + episode, policy, sim_config, found, expert_from, miss))
     return jobs
 
 
@@ -138,9 +152,18 @@ def _takeover_step(seed: int, most: int) -> int:
     return int(stream(seed, "takeover").integers(most + 1))
 
 
+def _miss_distance(seed: int, share: float) -> float:
+    """3-4 cm for `share` of the episodes, else 0 (3 cm beside the cube the fingers close on nothing,
+    where 2 cm still grasp it)."""
+    rng = stream(seed, "miss")
+    return float(rng.uniform(0.03, 0.04)) if rng.random() < share else 0.0
+
+
 def _check_same_collection(root: Path, recorded: dict, task: str, policy: str, sim_config: dict, seed: int,
-                           expert_from: int | None) -> None:
-    ours = {"task": task, "policy": policy, "seed": seed, "sim_config": sim_config, "expert_from": expert_from}
+                           expert_from: int | None, miss: float) -> None:
+    ours = {"task": task, "policy": policy, "seed": seed, "sim_config": sim_config, "miss": miss or None}
+    if not miss:  # a miss's expert_from is where it happened, not planned
+        ours["expert_from"] = expert_from
     recorded = recorded | {"sim_config": _with_defaults(recorded.get("sim_config"))}
     differ = [key for key in ours if recorded.get(key) != ours[key]]
     if differ:
@@ -215,7 +238,8 @@ def record_job(job: Job) -> dict:
     extra = {"episode": job.episode, "policy": job.policy, "versions": job.versions}
     if job.expert_from is not None:
         policy = ExpertTakeover(policy, load_policy("expert", env), job.expert_from)
-        extra["expert_from"] = job.expert_from
+    if job.miss:
+        policy, extra["miss"] = ScriptedExpert(env, job.miss), job.miss
     partial = partial_episode(job.root, job.episode)
     try:
         info = record_episode(env, policy, job.seed, partial, extra)

@@ -31,6 +31,7 @@ from vla.apps.rollout import (
     EVAL_SEED_OFFSET,
     add_episode_arguments,
     by_task,
+    closed_again_rate,
     episode_settings,
     first_close_shares,
     grasps,
@@ -115,6 +116,7 @@ def run(args) -> int:
         "stages": {task: {stage: stage_rate(rows, stage) for stage in TASKS[task].stages}
                    for task, rows in by_task(chosen).items()},
         "first_close": {task: first_close_shares(rows) for task, rows in by_task(chosen).items() if grasps(task)},
+        "closed_again": {task: closed_again_rate(rows) for task, rows in by_task(chosen).items() if grasps(task)},
         "phrasings": {phrasing: {"success": {t: success_rate(r) for t, r in by_task(rows).items()},
                                  "grounding": {t: grounding_rate(r) for t, r in by_task(rows).items()}}
                       for phrasing, rows in results.items()},

@@ -49,6 +49,7 @@ class EpisodeResult:
     touched: str | None  # the object the gripper reached first (None: none)
     stages: list[str] = dataclasses.field(default_factory=list)  # the task's stages reached (sim.tasks)
     first_close: dict | None = None  # where the gripper was first commanded closed (sim.env); None: never
+    closures: int = 0  # times the gripper was commanded shut from open (2 or more: it tried again)
 
 
 def run_episode(env, policy, seed: int, frames: list | None = None, instruction: str | None = None) -> EpisodeResult:
@@ -70,7 +71,7 @@ def run_episode(env, policy, seed: int, frames: list | None = None, instruction:
         last = annotate(env.render(), [obs["instruction"], "SUCCESS" if success else "FAILED"], colour)
         frames.extend([last] * 5)
     return EpisodeResult(env.task.name, seed, success, steps, obs["instruction"], info["target"], info["touched"],
-                         info["stages"], info["first_close"])
+                         info["stages"], info["first_close"], info["closures"])
 
 
 def run_episodes(
@@ -170,10 +171,11 @@ def stage_table(results: list[EpisodeResult], title: str = "stages reached") -> 
     for task, rows in staged.items():
         shares = [f"{stage} {100 * stage_rate(rows, stage):.0f} %" for stage in TASKS[task].stages]
         closes = first_close_shares(rows) if grasps(task) else {}
+        again = [f"closed again {100 * closed_again_rate(rows):.0f} %"] if grasps(task) else []
         table.add_row(task, " -> ".join([*shares, f"success {100 * success_rate(rows):.0f} %"]),
-                      ", ".join(f"{place} {100 * share:.0f} %" for place, share in closes.items()))
+                      ", ".join([*(f"{place} {100 * share:.0f} %" for place, share in closes.items()), *again]))
     table.caption = (f"closed at: the object nearest the grasp point seen from above, within {CLOSE_NEAR * 100:.0f} cm "
-                     "of its centre (of a bin's outline)")
+                     "of its centre (of a bin's outline); closed again: opened and closed once more (a retry)")
     return table
 
 
@@ -194,6 +196,11 @@ def first_close_shares(results: list[EpisodeResult]) -> dict[str, float]:
 
     places = [place(r) for r in results]
     return {name: places.count(name) / len(places) for name in CLOSE_PLACES}
+
+
+def closed_again_rate(results: list[EpisodeResult]) -> float:
+    """The share of episodes in which the gripper opened after a closure and closed again: retries."""
+    return float(np.mean([r.closures >= 2 for r in results]))
 
 
 def by_task(results: list[EpisodeResult]) -> dict[str, list[EpisodeResult]]:

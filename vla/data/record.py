@@ -53,6 +53,8 @@ def record_episode(env, policy, seed: int, path: Path, extra: dict | None = None
             if terminated or truncated:
                 break
         episode = episode_info(sim, obs["instruction"], seed, bool(info["success"]), steps) | (extra or {})
+        if getattr(policy, "expert_from", None) is not None:  # training reads the steps from there on
+            episode["expert_from"] = policy.expert_from
         writer.close(episode)
     except BaseException:
         writer.abort()

@@ -29,7 +29,8 @@ def ensure_dataset(config: TrainConfig) -> Path:
     data, path = config.data, Path(config.data.dataset)
     if data.collect.episodes > 0:
         sim = SimConfig.for_spec(config.model.spec, **randomization(data.collect.randomize))
-        record_dataset(path, list(data.tasks), data.collect.episodes, "expert", sim, workers=data.collect.workers)
+        record_dataset(path, list(data.tasks), data.collect.episodes, "expert", sim, workers=data.collect.workers,
+                       missed_grasps=data.collect.missed_grasps)
     elif not path.exists():
         raise FileNotFoundError(f"dataset {path} not found: record it with `vla collect` or set data.collect.episodes")
     return path

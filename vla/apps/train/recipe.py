@@ -17,12 +17,17 @@ class CollectConfig:
     # domain randomisation of the recorded episodes (sim.config.randomization names), e.g.
     # "disturbance" for demonstrations with the expert's corrections
     randomize: str = ""
+    # share of pick and place demonstrations whose first grasp closes beside the cube, then retries
+    # (trained on from the miss on: how to notice a missed grasp and try again)
+    missed_grasps: float = 0.0
 
     def __post_init__(self):
         try:
             randomization(self.randomize)
         except ValueError as exc:
             raise ValueError(f"data.collect.randomize: {exc}") from None
+        if not 0 <= self.missed_grasps <= 1:
+            raise ValueError(f"data.collect.missed_grasps must be in [0, 1], got {self.missed_grasps!r}")
 
 
 @dataclass

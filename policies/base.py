@@ -10,6 +10,9 @@ from vla.contracts.observation import ObservationSpec
 
 @runtime_checkable
 class Policy(Protocol):
+    """A policy whose episodes are worth learning from only in part (a DAgger takeover, a deliberate
+    missed grasp) also has `expert_from`: the first such step, which recorded episodes keep."""
+
     spec: ObservationSpec  # what its observations must hold (image size, IMU window, wrist camera)
 
     def reset(self, instruction: str) -> None:

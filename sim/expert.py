@@ -38,13 +38,13 @@ class ScriptedExpert:
         self.env = env.unwrapped
         self.spec = self.env.config.spec
         self.miss_distance, self.miss = miss, np.zeros(2)  # miss: (x, y) m off the cube, while pending
-        self.steps, self.missed_at = 0, None
+        self.missed_at = None
 
     def reset(self, instruction: str = "") -> None:
         """Start from the current state: mid-episode (taking over from a learned policy) a cube
         already in the fingers is carried on with, anything else starts from the approach."""
         self.phase, self.wait = 0, 0
-        self.steps, self.missed_at, self.miss = 0, None, np.zeros(2)
+        self.missed_at, self.miss = None, np.zeros(2)
         task = self.env.task
         if isinstance(task, Pick | Place) and task.target is not None and self._holds(task.target):
             self.phase = 3
@@ -55,7 +55,7 @@ class ScriptedExpert:
         it has not missed yet). None otherwise: every step is worth learning from."""
         if self.missed_at is not None:
             return self.missed_at
-        return self.steps if self.miss_distance and isinstance(self.env.task, Pick | Place) else None
+        return self.env.steps if self.miss_distance and isinstance(self.env.task, Pick | Place) else None
 
     def _holds(self, obj) -> bool:
         """Both fingers on `obj` and it off the table."""
@@ -72,10 +72,6 @@ class ScriptedExpert:
         return max((along, -along), key=lambda off: min((np.linalg.norm(pos + off - o) for o in others), default=0))
 
     def act(self, obs=None) -> np.ndarray:
-        self.steps += 1
-        return self._act()
-
-    def _act(self) -> np.ndarray:
         task = self.env.task
         if isinstance(task, Reach):
             return self._reach(task)
@@ -151,7 +147,7 @@ class ScriptedExpert:
             if self.wait >= 3:
                 self.phase = 3
                 if self.miss.any():
-                    self.miss, self.missed_at = np.zeros(2), self.steps
+                    self.miss, self.missed_at = np.zeros(2), self.env.steps + 1  # the step after this one
             return self._move(self._pose()[0], CLOSED)
         if pos[2] < CUBE_HALF + 0.005 and self._pose()[0][2] > pos[2] + 0.04:
             self.phase = 0  # it slipped out: start over

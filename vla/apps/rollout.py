@@ -170,10 +170,9 @@ def stage_table(results: list[EpisodeResult], title: str = "stages reached") -> 
     table.add_column("gripper first closed at")
     for task, rows in staged.items():
         shares = [f"{stage} {100 * stage_rate(rows, stage):.0f} %" for stage in TASKS[task].stages]
-        closes = first_close_shares(rows) if grasps(task) else {}
-        again = [f"closed again {100 * closed_again_rate(rows):.0f} %"] if grasps(task) else []
-        table.add_row(task, " -> ".join([*shares, f"success {100 * success_rate(rows):.0f} %"]),
-                      ", ".join([*(f"{place} {100 * share:.0f} %" for place, share in closes.items()), *again]))
+        closes = ([f"{place} {100 * share:.0f} %" for place, share in first_close_shares(rows).items()]
+                  + [f"closed again {100 * closed_again_rate(rows):.0f} %"]) if grasps(task) else []
+        table.add_row(task, " -> ".join([*shares, f"success {100 * success_rate(rows):.0f} %"]), ", ".join(closes))
     table.caption = (f"closed at: the object nearest the grasp point seen from above, within {CLOSE_NEAR * 100:.0f} cm "
                      "of its centre (of a bin's outline); closed again: opened and closed once more (a retry)")
     return table

@@ -117,13 +117,19 @@ def instruction(task: str, words: dict[str, str], split: str, rng: np.random.Gen
 def parse(text: str, split: str = "train") -> tuple[str, dict[str, str]] | None:
     """(task, words) of a sentence `instruction(task, words, split, rng)` could have written (lower
     case, as it writes them), or None for any other text."""
-    for task, pattern in _patterns(split):
+    for task, _, pattern in _patterns(split):
         match = pattern.fullmatch(text)
         if match:
             colours, shapes, _ = _names(split)
             slots = {"colour": colours, "shape": shapes, "bin_colour": colours, "direction": _DIRECTIONS}
             return task, {slot: slots[slot][name] for slot, name in match.groupdict().items() if slot in slots}
     return None
+
+
+def verb_of(text: str, split: str) -> str | None:
+    """The verb phrase of `split` that a sentence `instruction` wrote was built on ("shift the {obj}
+    {direction}"), or None for any other text: success per verb shows which ways of asking fail."""
+    return next((verb for _, verb, pattern in _patterns(split) if pattern.fullmatch(text)), None)
 
 
 @functools.cache
@@ -138,7 +144,8 @@ _DIRECTIONS = {w: d for d, words in DIRECTION_WORDS.items() for w in words}
 
 
 @functools.cache
-def _patterns(split: str) -> list[tuple[str, re.Pattern]]:
+def _patterns(split: str) -> list[tuple[str, str, re.Pattern]]:
+    """(task, verb, regex) for every frame and verb of `split`."""
     colours, shapes, bins = _names(split)
 
     def either(name: str | None, words) -> str:  # longest first: "square block" before "block"
@@ -153,7 +160,7 @@ def _patterns(split: str) -> list[tuple[str, re.Pattern]]:
         for frame, verb in itertools.product(FRAMES[split], verbs):
             parts = re.split(r"(\{\w+\})", frame.format(act=verb))
             regex = "".join(slots[p[1:-1]] if p.startswith("{") else re.escape(p) for p in parts)
-            patterns.append((task, re.compile(regex)))
+            patterns.append((task, verb, re.compile(regex)))
     return patterns
 
 

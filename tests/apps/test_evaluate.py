@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from policies import CHECKPOINT_DIR
+from sim.language import VERBS
 from vla.apps.rollout import EVAL_SEED_OFFSET
 from vla.cli import main as vla_main
 
@@ -89,7 +90,10 @@ def test_vla_eval_compares_held_out_phrasings_with_the_training_ones(tmp_path, c
     report = json.loads((tmp_path / "report.json").read_text())
     assert set(report["phrasings"]) == {"train", "heldout"} and report["settings"]["phrasing"] == "heldout"
     assert report["success"] == report["phrasings"]["heldout"]["success"]
-    assert capsys.readouterr().out.count("│ reach ") == 3  # both tables, and the one side by side
+    verbs = report["verbs"]["heldout"]["reach"]
+    assert set(verbs) <= set(VERBS["heldout"]["reach"]) and sum(v["episodes"] for v in verbs.values()) == 2
+    # both tables, the one side by side and a row per verb phrase
+    assert capsys.readouterr().out.count("│ reach ") == 3 + len(verbs)
 
 
 def test_vla_eval_warns_about_words_the_model_was_not_trained_on(tmp_path, capsys, stats):

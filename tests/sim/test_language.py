@@ -1,5 +1,7 @@
 """Instructions as people write them: a rich grammar for training, held-out phrasings kept apart for
 evaluation, both naming the episode's objects."""
+import itertools
+
 import numpy as np
 import pytest
 
@@ -40,6 +42,17 @@ def test_the_synonyms_split_names_objects_in_words_training_never_uses():
     for word in (*sum(colours.values(), ()), *sum(shapes.values(), ()), *bins):
         assert word not in language.vocabulary("train") and word in said
     assert not said & {w for words in NAMES["train"][0].values() for w in words}  # no training colour word
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_every_request_is_traced_back_to_its_verb_phrase(split):
+    colours, shapes, bins = NAMES[split]
+    for verb in itertools.chain(*VERBS[split].values()):
+        act = verb.format(obj=f"{colours['red'][-1]} {shapes['ball'][-1]}", direction="towards you",
+                          bin=f"{colours['blue'][0]} {bins[-1]}")
+        for frame in FRAMES[split]:
+            assert language.verb_of(frame.format(act=act), split) == verb
+    assert language.verb_of("dance the red ball", split) is None
 
 
 def test_the_env_draws_from_the_configured_phrasings_on_a_stream_of_its_own():

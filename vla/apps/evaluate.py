@@ -9,7 +9,8 @@ with the training phrasings too, and both are reported side by side.
 Prints success and language grounding per task (grounding: the first object the gripper reaches
 is the instructed one, among distractors of other colours) and the share of episodes that reached
 each stage of a multi-stage task (place: touched, lifted, over bin; sim.tasks: where a policy
-fails); writes rollout videos and a JSON report with per-episode results, the runtime that ran
+fails); with held-out phrasings, success per verb phrase ("shift the {obj} {direction}": which
+ways of asking fail); writes rollout videos and a JSON report with per-episode results, the runtime that ran
 and its mean latency per control step.
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ from tqdm import tqdm
 
 from policies.vla_policy import VLAPolicy
 from sim import TASKS, SimConfig
+from sim.language import verb_of
 from vla.apps.rollout import (
     EVAL_SEED_OFFSET,
     add_episode_arguments,
@@ -106,6 +108,7 @@ def run(args) -> int:
             Console().print(stages)
     if len(results) > 1:
         Console().print(phrasing_table(results["train"], results[args.phrasings], args.phrasings))
+        Console().print(verb_table(results[args.phrasings], args.phrasings))
     chosen = results[args.phrasings]
     report = {
         "checkpoint": str(args.checkpoint), "runtime": policy.policy.runtime.name, "execution": policy.policy.execution,
@@ -120,6 +123,7 @@ def run(args) -> int:
         "phrasings": {phrasing: {"success": {t: success_rate(r) for t, r in by_task(rows).items()},
                                  "grounding": {t: grounding_rate(r) for t, r in by_task(rows).items()}}
                       for phrasing, rows in results.items()},
+        "verbs": {phrasing: verb_rates(rows, phrasing) for phrasing, rows in results.items()},
         "latency_ms": {"mean": 1e3 * float(np.mean(policy.seconds)), "p50": 1e3 * float(np.median(policy.seconds))},
         "episodes": [asdict(r) for r in chosen],
     }
@@ -140,4 +144,26 @@ def phrasing_table(train: list, heldout: list, split: str) -> Table:
         a, b = success_rate(train[task]), success_rate(heldout[task])
         table.add_row(task, f"{100 * a:.1f} %", f"{100 * b:.1f} %", f"{b / a:.2f}" if a else "n/a",
                       f"{100 * grounding_rate(train[task]):.1f} %", f"{100 * grounding_rate(heldout[task]):.1f} %")
+    return table
+
+
+def verb_rates(results: list, split: str) -> dict[str, dict[str, dict]]:
+    """Per task, the episodes and success rate of each verb phrase of `split` the instructions used
+    ("other": an instruction given with --instruction)."""
+    rates = {}
+    for task, rows in by_task(results).items():
+        verbs = [verb_of(r.instruction, split) or "other" for r in rows]
+        rates[task] = {verb: {"episodes": verbs.count(verb),
+                              "success": success_rate([r for r, v in zip(rows, verbs) if v == verb])}
+                       for verb in dict.fromkeys(verbs)}
+    return rates
+
+
+def verb_table(results: list, split: str) -> Table:
+    table = Table(title=f"success per verb phrase, {split} phrasings")
+    for column in ("task", "verb phrase", "episodes", "success"):
+        table.add_column(column, justify="right" if column in ("episodes", "success") else "left")
+    for task, verbs in verb_rates(results, split).items():
+        for verb, rate in verbs.items():
+            table.add_row(task, verb, str(rate["episodes"]), f"{100 * rate['success']:.0f} %")
     return table

@@ -117,19 +117,29 @@ def instruction(task: str, words: dict[str, str], split: str, rng: np.random.Gen
 def parse(text: str, split: str = "train") -> tuple[str, dict[str, str]] | None:
     """(task, words) of a sentence `instruction(task, words, split, rng)` could have written (lower
     case, as it writes them), or None for any other text."""
-    for task, _, pattern in _patterns(split):
-        match = pattern.fullmatch(text)
-        if match:
-            colours, shapes, _ = _names(split)
-            slots = {"colour": colours, "shape": shapes, "bin_colour": colours, "direction": _DIRECTIONS}
-            return task, {slot: slots[slot][name] for slot, name in match.groupdict().items() if slot in slots}
-    return None
+    found = _match(text, split)
+    if found is None:
+        return None
+    task, _, match = found
+    colours, shapes, _ = _names(split)
+    slots = {"colour": colours, "shape": shapes, "bin_colour": colours, "direction": _DIRECTIONS}
+    return task, {slot: slots[slot][name] for slot, name in match.groupdict().items() if slot in slots}
 
 
 def verb_of(text: str, split: str) -> str | None:
     """The verb phrase of `split` that a sentence `instruction` wrote was built on ("shift the {obj}
     {direction}"), or None for any other text: success per verb shows which ways of asking fail."""
-    return next((verb for _, verb, pattern in _patterns(split) if pattern.fullmatch(text)), None)
+    found = _match(text, split)
+    return None if found is None else found[1]
+
+
+def _match(text: str, split: str) -> tuple[str, str, re.Match] | None:
+    """(task, verb, match) of the first frame and verb of `split` that wrote `text`, or None."""
+    for task, verb, pattern in _patterns(split):
+        match = pattern.fullmatch(text)
+        if match:
+            return task, verb, match
+    return None
 
 
 @functools.cache

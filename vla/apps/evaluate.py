@@ -10,8 +10,8 @@ Prints success and language grounding per task (grounding: the first object the 
 is the instructed one, among distractors of other colours) and the share of episodes that reached
 each stage of a multi-stage task (place: touched, lifted, over bin; sim.tasks: where a policy
 fails); with held-out phrasings, success per verb phrase ("shift the {obj} {direction}": which
-ways of asking fail); writes rollout videos and a JSON report with per-episode results, the runtime that ran
-and its mean latency per control step.
+ways of asking fail); writes rollout videos and a JSON report with per-episode results, the
+runtime that ran and its mean latency per control step.
 """
 from __future__ import annotations
 

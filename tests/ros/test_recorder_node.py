@@ -2,6 +2,7 @@
 ~/record it records a robot's episode that the dataset tools read."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 rclpy = pytest.importorskip("rclpy")
@@ -83,3 +84,23 @@ def test_recorder_service_records_a_robot_episode(ros, policy_with_robot, tmp_pa
     assert len(episode) == episode.info["steps"] and 5 <= len(episode) <= published + 2, published
     steps = episode.steps(imu_window=12)  # an observation for every action
     assert steps["images"].shape == (len(episode), 96, 96, 3) and steps["instructions"][0] == "touch the red cube"
+
+
+def test_recorder_keeps_a_robot_episode_with_more_actions_than_frames(ros, tmp_path):
+    """A timer-triggered policy faster than its camera (40 Hz over 20 Hz frames, as on a busy robot)
+    answers frames twice: the episode is kept whole, each action with the latest frame before it."""
+    dataset = tmp_path / "dataset"
+    ros.start("policy_node", policy="random", trigger="timer", control_rate_hz=40.0)
+    robot = ros.fake_robot()
+    twists = ros.twists()
+    robot.instruction.publish(String(data="touch the red cube"))
+    ros.moving_again(twists, "the policy's first commands", timeout=30)
+    ros.start("recorder_node", CONFIG / "recorder.yaml", output_dir=dataset)
+    ros.start_recording()
+    ros.spin_for(2.0)
+    assert ros.call(SetBool, "/recorder_node/record", SetBool.Request(data=False)).success
+    ros.spin_until(lambda: load_manifest(dataset), 10, "the episode listed")
+    [listed] = load_manifest(dataset)
+    episode = read_episode(dataset / listed["path"])
+    assert len(episode) == listed["steps"] > len(np.unique(episode.image_stamps)), ros.log("recorder_node")
+    assert episode.steps(imu_window=12)["images"].shape == (len(episode), 96, 96, 3)

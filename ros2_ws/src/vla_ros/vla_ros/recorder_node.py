@@ -20,6 +20,7 @@ falls behind (a busy CPU, a bag being compressed) delays an episode but never mi
   arrives in order), or has been silent for `settle_time`. A followed episode is kept if it holds an
   image, joint states and an IMU sample (at least) for each step and all its actions (lockstep: one per
   step); otherwise (the recorder started during it, messages were lost) it is discarded with a warning.
+  A robot episode is kept if it holds actions: a timer-triggered policy may answer one frame twice.
 A followed episode's messages wait in memory until it ends (its end is not known before); a robot
 episode's are written as they arrive. A followed episode's bag starts with its announced instruction.
 At a stop (SIGINT, SIGTERM) the messages its readers hold already are received before the episode is
@@ -328,7 +329,10 @@ class RecorderNode(Node):
             return self.discard(episode, f"no actions were recorded (it holds {held or 'nothing'})")
         steps = info["steps"]
         lockstep_short = info.get("lockstep") and counts["action"] != steps
-        if lockstep_short or min(counts[key] for key in OBSERVATION) < steps:
+        # A followed episode has an observation per step. A robot's timer-triggered policy may act twice on
+        # one camera frame (a slow or busy camera); its bag holds every command once it has observations
+        # (Episode.add), and readers take the latest observation at or before each action.
+        if self.cfg.follow_episodes and (lockstep_short or min(counts[key] for key in OBSERVATION) < steps):
             recorded = ", ".join(f"{counts[key]} {key}" for key in ("action",) + OBSERVATION)
             return self.discard(episode, f"{steps} steps, but {recorded} messages recorded (started during it, "
                                          "or messages lost?)")

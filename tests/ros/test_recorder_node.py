@@ -90,7 +90,8 @@ def test_recorder_keeps_a_robot_episode_with_more_actions_than_frames(ros, tmp_p
     """A timer-triggered policy faster than its camera (40 Hz over 20 Hz frames, as on a busy robot)
     answers frames twice: the episode is kept whole, each action with the latest frame before it."""
     dataset = tmp_path / "dataset"
-    ros.start("policy_node", policy="random", trigger="timer", control_rate_hz=40.0)
+    # max_input_age 0.5 s: a frame 50 ms old is not stale at 40 Hz (the default, two periods, would hold)
+    ros.start("policy_node", policy="random", trigger="timer", control_rate_hz=40.0, max_input_age=0.5)
     robot = ros.fake_robot()
     twists = ros.twists()
     robot.instruction.publish(String(data="touch the red cube"))

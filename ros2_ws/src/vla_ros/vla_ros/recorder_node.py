@@ -329,9 +329,8 @@ class RecorderNode(Node):
             return self.discard(episode, f"no actions were recorded (it holds {held or 'nothing'})")
         steps = info["steps"]
         lockstep_short = info.get("lockstep") and counts["action"] != steps
-        # A followed episode has an observation per step. A robot's timer-triggered policy may act twice on
-        # one camera frame (a slow or busy camera); its bag holds every command once it has observations
-        # (Episode.add), and readers take the latest observation at or before each action.
+        # Only a followed episode has an observation per step (module docstring); a robot's bag holds its
+        # commands once it has every observation stream (Episode.add).
         if self.cfg.follow_episodes and (lockstep_short or min(counts[key] for key in OBSERVATION) < steps):
             recorded = ", ".join(f"{counts[key]} {key}" for key in ("action",) + OBSERVATION)
             return self.discard(episode, f"{steps} steps, but {recorded} messages recorded (started during it, "

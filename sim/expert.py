@@ -13,6 +13,7 @@ from vla.contracts.action import ACTION_HIGH, ACTION_LOW, MAX_TRANSLATION
 
 OPEN, CLOSED = 1.0, 0.0
 HOVER = 0.10  # approach height above the table
+TAKEOVER_GRASP = 0.015  # m: taking over with the grasp point this near where it would close, the expert closes
 
 
 def _wrap(angle: float, period: float) -> float:
@@ -42,12 +43,17 @@ class ScriptedExpert:
 
     def reset(self, instruction: str = "") -> None:
         """Start from the current state: mid-episode (taking over from a learned policy) a cube
-        already in the fingers is carried on with, anything else starts from the approach."""
+        already in the fingers is carried on with, a hand already where it would close on the cube
+        closes (opening it there would demonstrate letting go of a good grasp), anything else starts
+        from the approach."""
         self.phase, self.wait = 0, 0
         self.missed_at, self.miss = None, np.zeros(2)
         task = self.env.task
-        if isinstance(task, Pick | Place) and task.target is not None and self._holds(task.target):
-            self.phase = 3
+        if isinstance(task, Pick | Place) and task.target is not None:
+            if self._holds(task.target):
+                self.phase = 3
+            elif self._near(self._grasp_point(self.env.scene.position(task.target)), TAKEOVER_GRASP):
+                self.phase = 2
 
     @property
     def expert_from(self) -> int | None:
@@ -62,6 +68,11 @@ class ScriptedExpert:
         robot, scene = self.env.robot, self.env.scene
         fingers = {c[3] for c in p.getContactPoints(robot.body, obj.body, physicsClientId=scene.client)}
         return len(fingers) >= 2 and scene.position(obj)[2] > CUBE_HALF + 0.005
+
+    @staticmethod
+    def _grasp_point(cube) -> list[float]:
+        """Where the grasp point goes to close on a cube at `cube`."""
+        return [cube[0], cube[1], max(cube[2] - 0.005, 0.012)]
 
     def _miss_offset(self, cube, yaw: float) -> np.ndarray:
         """(x, y) off the cube along the finger pads (so the fingers close on nothing rather than
@@ -138,7 +149,7 @@ class ScriptedExpert:
                 self.phase = 1
             return self._move(above, OPEN, yaw)
         if self.phase == 1:  # down around it
-            target = [*aim, max(pos[2] - 0.005, 0.012)]
+            target = self._grasp_point([*aim, pos[2]])
             if self._near(target, 0.008):
                 self.phase, self.wait = 2, 0
             return self._move(target, OPEN, yaw)

@@ -23,14 +23,15 @@ import yaml
 from sim import language
 from sim.config import DISTURBANCE
 from vla.apps.replay import replay
-from vla.apps.train.data import BatchSchedule, noisy_instruction, random_shift, rephrased
+from vla.apps.train.data import BatchSchedule, noisy_instruction, open_dataset, random_shift, rephrased
 from vla.apps.train.loop import TrainingError, busy_warning, other_busy_cores, train, weight_average
 from vla.apps.train.recipe import TrainConfig, load_config
 from vla.cli import main as vla_main
 from vla.config import ConfigError
 from vla.contracts import ACTION_HIGH, ACTION_LOW
+from vla.data.index import EpisodeIndex
 from vla.data.reader import read_episode
-from vla.model.checkpoint import load_checkpoint
+from vla.model.checkpoint import CheckpointError, load_checkpoint
 
 TINY_MODEL = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64, "vision_width": 16,
               "max_text_tokens": 8, "chunk": 2, "decoders": ["parallel", "autoregressive"]}
@@ -201,6 +202,16 @@ def test_overrides_and_config_errors(tmp_path):
         load_config("policies/configs/quickstart-cpu.yaml", ["precision=fp16"])
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="recorded with the init checkpoint: set init"):
+        load_config("policies/configs/quickstart-cpu.yaml", ["data.corrections={episodes: 2, takeover: {reach: 5}}"])
+    with pytest.raises(ConfigError, match=r"takeover names tasks outside data\.tasks"):
+        load_config("policies/configs/quickstart-cpu.yaml",
+                    ["init=policies/checkpoints/default", "data.corrections={episodes: 2, takeover: {pick: 5}}"])
+    with pytest.raises(ConfigError, match="must map tasks"):
+        load_config("policies/configs/quickstart-cpu.yaml", ["data.corrections.takeover={reach: -1}"])
+    (tmp_path / "init.yaml").write_text(f"init: {tmp_path / 'nothing'}\n")
+    with pytest.raises(CheckpointError, match="not a checkpoint directory"):
+        load_config(tmp_path / "init.yaml")
 
 
 # ---- training and resuming ----------------------------------------------------------------------
@@ -312,6 +323,41 @@ def test_vla_train_records_the_dataset_then_trains_and_evaluates(tmp_path):
     _, processor = load_checkpoint(tmp_path / "run" / "final")
     assert processor.stats["state"]["std"] != [0.0] * 15  # statistics come from the recorded data
     assert vla_main(["train", "--config", str(path), "--no-progress", "--override", "optim.batch_size=0"]) == 2
+
+
+def test_a_recipe_from_init_trains_that_recipe_first_then_on_its_corrections(tmp_path, capsys):
+    """DAgger in one command: `init` names a recipe, which is trained first; its final checkpoint then
+    drives the corrections' first steps, and training starts from its weights."""
+    first = {"model": TINY_MODEL, "data": {"dataset": str(tmp_path / "data"), "tasks": ["reach"],
+                                           "collect": {"episodes": 2, "workers": 1}},
+             "optim": {"steps": 2, "batch_size": 4}, "eval": {"episodes": 0}, "out_dir": str(tmp_path / "first"),
+             "save_every": 10, "threads": 1}
+    (tmp_path / "first.yaml").write_text(yaml.safe_dump(first))
+    corrections = {"episodes": 2, "takeover": {"reach": 6}, "workers": 1}
+    then = {"init": str(tmp_path / "first.yaml"), "data": {**first["data"], "corrections": corrections},
+            "optim": {"steps": 2, "batch_size": 4, "lr": 1e-9, "warmup_steps": 0}, "eval": {"episodes": 0},
+            "out_dir": str(tmp_path / "then"), "save_every": 10, "threads": 1}
+    (tmp_path / "then.yaml").write_text(yaml.safe_dump(then))
+    assert vla_main(["train", "--config", str(tmp_path / "then.yaml"), "--no-progress"]) == 0
+    assert "training " + str(tmp_path / "first.yaml") + " first" in capsys.readouterr().out
+    recorded = json.loads((tmp_path / "then" / "corrections" / "manifest.json").read_text())["episodes"]
+    assert [e["seed"] for e in recorded] == [500_000, 500_001]  # their own seeds, never evaluation's
+    assert all(0 <= e["expert_from"] <= 6 and e["policy"] == str(tmp_path / "first" / "final") for e in recorded)
+    config = load_config(tmp_path / "then.yaml")
+    assert config.model == load_config(tmp_path / "first.yaml").model  # the init's model section
+    union, data = open_dataset(config, False), EpisodeIndex(tmp_path / "data", chunk=2, progress=False)
+    assert len(union) == len(data) + sum(e["steps"] - e["expert_from"] for e in recorded if e["success"])
+    last_and_first = union.batch([len(data) - 1, len(data)])
+    assert np.array_equal(last_and_first["image"][0], data.batch([len(data) - 1])["image"][0])
+    assert last_and_first["step"][1] == min(e["expert_from"] for e in recorded if e["success"])
+    start = safetensors.torch.load_file(tmp_path / "first" / "final" / "model.safetensors")
+    end = safetensors.torch.load_file(tmp_path / "then" / "final" / "model.safetensors")
+    assert max((start[k] - end[k]).abs().max().item() for k in start) < 1e-4  # from the init's weights (lr 1e-9)
+    # the model section, when given, is the init's
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump({**then, "model": {**TINY_MODEL, "hidden_size": 48}}))
+    assert vla_main(["train", "--config", str(changed), "--no-progress"]) == 2
+    assert "differs from the checkpoint's" in capsys.readouterr().err
 
 
 @pytest.mark.gpu

@@ -161,6 +161,31 @@ def test_an_expert_taking_over_mid_place_carries_on_with_the_cube_it_finds_held(
 
 
 @pytest.mark.parametrize("task", ["pick", "place"])
+def test_an_expert_taking_over_a_grasp_closes_it_rather_than_letting_go(task):
+    """DAgger corrections that open the fingers around a cube the policy was closing on would teach
+    letting go of good grasps (the default then grasped, opened and grasped again)."""
+    env = make_env(task)
+    obs, _ = env.reset(seed=1002)
+    first = load_policy("expert", env)
+    first.reset(obs["instruction"])
+    while first.phase < 2:
+        obs, *_ = env.step(first.act(obs))
+    obs, *_ = env.step(first.act(obs))  # closing, the cube still on the table
+    second = load_policy("expert", env)
+    second.reset(obs["instruction"])  # a fresh one, as after a learned policy's steps
+    assert second.phase == 2
+    commands = []
+    while True:
+        action = second.act(obs)
+        commands.append(action[-1])
+        obs, _, terminated, truncated, info = env.step(action)
+        if terminated or truncated or "over bin" in info["stages"]:
+            break
+    assert info["success"] or "over bin" in info["stages"]
+    assert max(commands) < 0.5  # never opened on the way
+
+
+@pytest.mark.parametrize("task", ["pick", "place"])
 def test_a_robot_that_stays_put_reaches_no_stage(task):
     env = make_env(task)
     env.reset(seed=1000)

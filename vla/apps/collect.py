@@ -90,15 +90,17 @@ def run(args) -> int:
 
 
 def record_dataset(out: str | Path, tasks: list[str], episodes: int, policy: str, config: SimConfig, seed: int = 0,
-                   append: bool = False, workers: int = 1, log=print, expert_takeover: int | None = None,
+                   append: bool = False, workers: int = 1, log=print, expert_takeover: int | dict | None = None,
                    missed_grasps: float = 0.0) -> list[dict]:
     """Record `episodes` per task into the dataset `out` (created), or what an interrupted recording
     left missing of them (with `append`: that many more). -> the new episodes' metadata.
-    With `expert_takeover` N, the checkpoint `policy` drives 0..N steps, then the scripted expert.
-    With `missed_grasps`, that share of pick and place episodes starts with a missed grasp."""
+    With `expert_takeover` N (or a task -> N mapping), the checkpoint `policy` drives 0..N steps, then
+    the scripted expert. With `missed_grasps`, that share of pick and place episodes starts with a
+    missed grasp."""
     if policy not in ("expert", "random") and not Path(policy).is_dir():
         raise ValueError(f"unknown policy {policy!r}: use 'expert', 'random' or a checkpoint directory")
-    if expert_takeover is not None and (policy in ("expert", "random") or expert_takeover < 0):
+    takeovers = expert_takeover.values() if isinstance(expert_takeover, dict) else [expert_takeover]
+    if expert_takeover is not None and (policy in ("expert", "random") or min(takeovers) < 0):
         raise ValueError("--expert-takeover needs a checkpoint --policy and a number of steps >= 0, "
                          f"got {policy!r} and {expert_takeover}")
     if missed_grasps and (policy != "expert" or not 0 < missed_grasps <= 1):
@@ -130,7 +132,7 @@ def _with_defaults(sim_config):
 
 
 def plan(dataset: DatasetWriter, tasks: list[str], episodes: int, policy: str, config: SimConfig, seed: int,
-         append: bool, expert_takeover: int | None = None, missed_grasps: float = 0.0) -> list[Job]:
+         append: bool, expert_takeover: int | dict | None = None, missed_grasps: float = 0.0) -> list[Job]:
     """The episodes still to record: ids 0.. (or after the last with append), `episodes` per task."""
     done = {e["episode"]: e for e in dataset.episodes}
     first = max(done, default=-1) + 1 if append else 0
@@ -138,7 +140,8 @@ def plan(dataset: DatasetWriter, tasks: list[str], episodes: int, policy: str, c
     jobs = []
     for i in range(len(tasks) * episodes):
         episode, task = first + i, tasks[i // episodes]
-        expert_from = None if expert_takeover is None else _takeover_step(seed + episode, expert_takeover)
+        most = expert_takeover[task] if isinstance(expert_takeover, dict) else expert_takeover
+        expert_from = None if most is None else _takeover_step(seed + episode, most)
         miss = _miss_distance(seed + episode, missed_grasps) if task in ("pick", "place") else 0.0
         if episode in done:
             _check_same_collection(dataset.root, done[episode], task, policy, sim_config, seed + episode, expert_from,

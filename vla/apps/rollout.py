@@ -25,9 +25,11 @@ from vla.contracts.observation import ObservationSpec
 
 # Seed ranges that never overlap: training data from 0, evaluation (the test set: vla eval, vla demo)
 # from EVAL_SEED_OFFSET, evaluation during training (what a learning curve or a choice of
-# checkpoint sees) from TRAINING_EVAL_SEED_OFFSET, and the export's validation observations from
-# 2,000,000 (vla.apps.export).
+# checkpoint sees) from TRAINING_EVAL_SEED_OFFSET, the export's validation observations from
+# 2,000,000 (vla.apps.export), and a recipe's DAgger corrections (data.corrections) from
+# CORRECTIONS_SEED_OFFSET.
 EVAL_SEED_OFFSET = 1_000_000
+CORRECTIONS_SEED_OFFSET = 500_000
 TRAINING_EVAL_SEED_OFFSET = 3_000_000
 # CPU threads for a checkpoint's inference in the jobs. One: a batch-1 control step of these models
 # gains little from intra-op parallelism, and on a CPU shared with other work (the simulator,

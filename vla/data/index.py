@@ -171,6 +171,31 @@ class EpisodeIndex:
         return stats
 
 
+class IndexUnion:
+    """Several EpisodeIndex read as one for training (a dataset and its DAgger corrections): the
+    first's samples, then the second's, ... A batch comes grouped by part, each in index order."""
+
+    def __init__(self, parts: list[EpisodeIndex]):
+        self.parts = parts
+        self._offsets = np.cumsum([0] + [len(part) for part in parts])
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    @property
+    def sample_tasks(self) -> np.ndarray:
+        return np.concatenate([part.sample_tasks for part in self.parts])
+
+    def batch(self, indices) -> dict:
+        indices = np.asarray(indices, dtype=np.int64)
+        which = np.searchsorted(self._offsets, indices, side="right") - 1
+        pieces = [part.batch(indices[which == k] - self._offsets[k])
+                  for k, part in enumerate(self.parts) if np.any(which == k)]
+        return {key: ([item for piece in pieces for item in piece[key]] if isinstance(pieces[0][key], list)
+                      else np.concatenate([piece[key] for piece in pieces]))
+                for key in pieces[0]}
+
+
 def compute_stats(index: EpisodeIndex, samples: int = STATS_SAMPLES, seed: int = 0) -> dict:
     """EpisodeIndex.stats, computed."""
     actions = np.asarray(index._arrays["actions"][index._rows], dtype=np.float64)

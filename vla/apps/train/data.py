@@ -14,8 +14,9 @@ from torch.utils.data import DistributedSampler
 from sim import SimConfig, language
 from sim.config import randomization
 from vla.apps.collect import record_dataset
+from vla.apps.rollout import CORRECTIONS_SEED_OFFSET
 from vla.apps.train.recipe import DataConfig, TrainConfig
-from vla.data.index import EpisodeIndex
+from vla.data.index import EpisodeIndex, IndexUnion
 from vla.model.model import drop_padding
 from vla.model.processor import Processor
 from vla.model.text import normalize_instruction
@@ -36,9 +37,28 @@ def ensure_dataset(config: TrainConfig) -> Path:
     return path
 
 
-def open_dataset(config: TrainConfig, progress: bool) -> EpisodeIndex:
-    return EpisodeIndex(config.data.dataset, image_size=config.model.image_size, chunk=config.model.chunk,
-                        tasks=list(config.data.tasks), imu_window=config.model.imu_window, progress=progress)
+def ensure_corrections(config: TrainConfig, init: Path | None) -> None:
+    """data.corrections recorded with the `init` checkpoint into out_dir/corrections (what is missing
+    of them), from their own seeds (vla.apps.rollout.CORRECTIONS_SEED_OFFSET)."""
+    corrections = config.data.corrections
+    if corrections.episodes:
+        sim = SimConfig.for_spec(config.model.spec, **randomization(config.data.collect.randomize))
+        record_dataset(corrections_dir(config), list(corrections.takeover), corrections.episodes, str(init), sim,
+                       seed=CORRECTIONS_SEED_OFFSET, workers=corrections.workers,
+                       expert_takeover=corrections.takeover)
+
+
+def corrections_dir(config: TrainConfig) -> Path:
+    return Path(config.out_dir) / "corrections"
+
+
+def open_dataset(config: TrainConfig, progress: bool) -> EpisodeIndex | IndexUnion:
+    """The recipe's dataset, and its corrections after it if it has any."""
+    roots = [config.data.dataset] + ([corrections_dir(config)] if config.data.corrections.episodes else [])
+    parts = [EpisodeIndex(root, image_size=config.model.image_size, chunk=config.model.chunk,
+                          tasks=list(config.data.tasks), imu_window=config.model.imu_window, progress=progress)
+             for root in roots]
+    return parts[0] if len(parts) == 1 else IndexUnion(parts)
 
 
 class BatchSchedule:

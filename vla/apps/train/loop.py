@@ -33,11 +33,11 @@ from sim import SimConfig, language
 from vla.apps import JobError
 from vla.apps.curve import draw as draw_learning_curve
 from vla.apps.rollout import TRAINING_EVAL_SEED_OFFSET, by_task, run_episodes, success_rate
-from vla.apps.train.data import BatchSchedule, collate, ensure_dataset, open_dataset
-from vla.apps.train.recipe import FinetuneConfig, OptimConfig, TrainConfig
+from vla.apps.train.data import BatchSchedule, collate, ensure_corrections, ensure_dataset, open_dataset
+from vla.apps.train.recipe import FinetuneConfig, OptimConfig, TrainConfig, is_recipe, load_config
 from vla.apps.train.state import latest_checkpoint, load_training_state, save_training_state, step_checkpoints
 from vla.config import ConfigError, to_dict
-from vla.model.checkpoint import create, load_checkpoint, save_checkpoint
+from vla.model.checkpoint import create, load_checkpoint, read_meta, save_checkpoint
 from vla.model.finetune import apply_lora, enable_gradient_checkpointing, merge_lora, merged_copy
 from vla.model.model import VLAModel
 from vla.model.processor import Processor
@@ -172,6 +172,7 @@ def warn_if_busy(threads: int) -> None:
 def train(config: TrainConfig, index=None, resume: str | Path | None = None, progress: bool = True) -> VLAModel:
     """Train; -> the trained (unwrapped) model. `index` replaces the recipe's dataset (tests);
     `resume` is a step checkpoint directory, or "latest" for the newest complete one in out_dir."""
+    init = initial_checkpoint(config, progress)
     procs = setup_processes(config)
     out_dir = Path(config.out_dir)
     if config.threads:
@@ -182,6 +183,7 @@ def train(config: TrainConfig, index=None, resume: str | Path | None = None, pro
     if index is None:  # rank 0 records and caches the dataset, then the others open it
         if procs.main:
             ensure_dataset(config)
+            ensure_corrections(config, init)
             index = open_dataset(config, progress)
         if procs.world > 1:
             dist.barrier()
@@ -193,11 +195,9 @@ def train(config: TrainConfig, index=None, resume: str | Path | None = None, pro
         raise ConfigError("--resume does not continue a LoRA run exactly (its checkpoints hold the merged weights, "
                           "not the adapters); start it again")
     if resume_dir is not None:
-        model, processor = load_checkpoint(resume_dir)
-        if to_dict(model.config) != to_dict(config.model):
-            raise ConfigError(
-                f"the recipe's model section differs from the checkpoint's ({resume_dir}); resume with the same model"
-            )
+        model, processor = load_same_model(resume_dir, config, "resume with the same model")
+    elif init is not None:
+        model, processor = load_same_model(init, config, "leave the model section out to take the init's")
     else:
         model, processor = create(config.model, index.stats, language.corpus(), index.instructions)
     prepare_finetuning(model, config.finetune)
@@ -292,6 +292,30 @@ def train(config: TrainConfig, index=None, resume: str | Path | None = None, pro
     if procs.world > 1:
         dist.barrier()
     return deployed
+
+
+def initial_checkpoint(config: TrainConfig, progress: bool) -> Path | None:
+    """The checkpoint `config.init` names (None without one). A recipe means its run's final
+    checkpoint: that run is trained first when it has none (resumed if it was interrupted)."""
+    if not config.init:
+        return None
+    if not is_recipe(config.init):
+        read_meta(config.init)  # a clear error now, before anything is recorded with it
+        return Path(config.init)
+    first = load_config(config.init)
+    final = Path(first.out_dir) / "final"
+    if not final.is_dir():  # saved atomically: present means complete
+        print(f"init: {final} not found; training {config.init} first")
+        resume = "latest" if step_checkpoints(Path(first.out_dir)) else None
+        train(first, resume=resume, progress=progress)
+    return final
+
+
+def load_same_model(path: Path, config: TrainConfig, advice: str) -> tuple[VLAModel, Processor]:
+    model, processor = load_checkpoint(path)
+    if to_dict(model.config) != to_dict(config.model):
+        raise ConfigError(f"the recipe's model section differs from the checkpoint's ({path}); {advice}")
+    return model, processor
 
 
 def weight_average(model: VLAModel, decay: float) -> AveragedModel | None:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from sim import TASKS
 from sim.config import randomization
-from vla.config import apply_overrides, from_dict, read_yaml
+from vla.config import apply_overrides, from_dict, read_yaml, to_dict
+from vla.model.checkpoint import read_meta
 from vla.model.config import ModelConfig
 
 
@@ -28,6 +29,29 @@ class CollectConfig:
             raise ValueError(f"data.collect.randomize: {exc}") from None
         if not 0 <= self.missed_grasps <= 1:
             raise ValueError(f"data.collect.missed_grasps must be in [0, 1], got {self.missed_grasps!r}")
+
+
+@dataclass
+class CorrectionsConfig:
+    """DAgger-style corrections, recorded before training with the recipe's `init` checkpoint: it
+    drives each episode for a random 0..takeover[task] steps, then the scripted expert finishes; the
+    expert's steps are trained on beside data.dataset. They teach recovering from the states the
+    checkpoint itself reaches (a cube dropped on the way to the bin, a grasp beside the cube, a push
+    drifting off its line), which demonstrations alone never show."""
+
+    episodes: int = 0  # per task in `takeover` (0: none), into out_dir/corrections
+    takeover: dict[str, int] = field(default_factory=dict)  # task -> the most steps the checkpoint drives
+    workers: int = 2
+
+    def __post_init__(self):
+        if not isinstance(self.takeover, dict) or not all(
+            task in TASKS and isinstance(n, int) and not isinstance(n, bool) and n >= 0
+            for task, n in self.takeover.items()
+        ):
+            raise ValueError(f"data.corrections.takeover must map tasks ({sorted(TASKS)}) to steps >= 0, "
+                             f"got {self.takeover!r}")
+        if self.episodes < 0 or self.workers <= 0 or (self.episodes and not self.takeover):
+            raise ValueError("data.corrections: episodes must be >= 0 (with a takeover per task), workers positive")
 
 
 @dataclass
@@ -53,6 +77,7 @@ class DataConfig:
     # every batch holds the tasks in equal shares, not in proportion to their samples (reach
     # episodes are the shortest: ~12 % of the samples of an all-task dataset)
     task_balance: bool = False
+    corrections: CorrectionsConfig = field(default_factory=CorrectionsConfig)
 
 
 @dataclass
@@ -99,6 +124,10 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    # start from a trained policy's weights and processor (the optimizer starts afresh): a checkpoint
+    # directory, or a recipe (the final checkpoint of its run, trained first if it has none). The
+    # model section is the init's (leave it out of the recipe, or repeat it exactly).
+    init: str = ""
     out_dir: str = "runs/quickstart"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -141,6 +170,10 @@ class TrainConfig:
         if unknown or not self.data.tasks:
             raise ValueError(f"data.tasks: unknown task(s) {unknown}; choose from {sorted(TASKS)}")
         self.check_finetune()
+        if self.data.corrections.episodes and not self.init:
+            raise ValueError("data.corrections are recorded with the init checkpoint: set init")
+        if set(self.data.corrections.takeover) - set(self.data.tasks):
+            raise ValueError(f"data.corrections.takeover names tasks outside data.tasks {list(self.data.tasks)}")
         if self.eval.decoder and self.eval.decoder not in self.model.decoders:
             raise ValueError(
                 f"eval.decoder {self.eval.decoder!r} is not among model.decoders {list(self.model.decoders)}"
@@ -160,5 +193,20 @@ class TrainConfig:
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
-    """The recipe at `path` with `key.sub=value` overrides (values parsed as YAML)."""
-    return from_dict(TrainConfig, apply_overrides(read_yaml(path), overrides), str(path))
+    """The recipe at `path` with `key.sub=value` overrides (values parsed as YAML); with `init` and no
+    model section, the init's model section."""
+    values = apply_overrides(read_yaml(path), overrides)
+    if values.get("init") and "model" not in values:
+        values["model"] = init_model_section(str(values["init"]))
+    return from_dict(TrainConfig, values, str(path))
+
+
+def is_recipe(init: str) -> bool:
+    return init.endswith((".yaml", ".yml"))
+
+
+def init_model_section(init: str) -> dict:
+    """The model section of `init`: a recipe's, or the one a checkpoint was built from."""
+    if is_recipe(init):
+        return to_dict(load_config(init).model)
+    return read_meta(init)["model"]

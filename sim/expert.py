@@ -43,16 +43,17 @@ class ScriptedExpert:
 
     def reset(self, instruction: str = "") -> None:
         """Start from the current state: mid-episode (taking over from a learned policy) a cube
-        already in the fingers is carried on with, a hand already where it would close on the cube
-        closes (opening it there would demonstrate letting go of a good grasp), anything else starts
-        from the approach."""
+        already in the fingers is carried on with, a grasp in progress (both fingers on the cube, or
+        the hand where the expert would close) is closed and lifted (opening there would demonstrate
+        letting go of a good grasp), anything else starts from the approach."""
         self.phase, self.wait = 0, 0
         self.missed_at, self.miss = None, np.zeros(2)
         task = self.env.task
         if isinstance(task, Pick | Place) and task.target is not None:
             if self._holds(task.target):
                 self.phase = 3
-            elif self._near(self._grasp_point(self.env.scene.position(task.target)), TAKEOVER_GRASP):
+            elif self._grips(task.target) or self._near(self._grasp_point(self.env.scene.position(task.target)),
+                                                         TAKEOVER_GRASP):
                 self.phase = 2
 
     @property
@@ -65,9 +66,12 @@ class ScriptedExpert:
 
     def _holds(self, obj) -> bool:
         """Both fingers on `obj` and it off the table."""
+        return self._grips(obj) and self.env.scene.position(obj)[2] > CUBE_HALF + 0.005
+
+    def _grips(self, obj) -> bool:
+        """Both fingers on `obj`."""
         robot, scene = self.env.robot, self.env.scene
-        fingers = {c[3] for c in p.getContactPoints(robot.body, obj.body, physicsClientId=scene.client)}
-        return len(fingers) >= 2 and scene.position(obj)[2] > CUBE_HALF + 0.005
+        return len({c[3] for c in p.getContactPoints(robot.body, obj.body, physicsClientId=scene.client)}) >= 2
 
     @staticmethod
     def _grasp_point(cube) -> list[float]:

@@ -161,16 +161,20 @@ def test_an_expert_taking_over_mid_place_carries_on_with_the_cube_it_finds_held(
 
 
 @pytest.mark.parametrize("task", ["pick", "place"])
-def test_an_expert_taking_over_a_grasp_closes_it_rather_than_letting_go(task):
+@pytest.mark.parametrize("miss", [0.0, 0.018], ids=["closing", "off-centre"])
+def test_an_expert_taking_over_a_grasp_closes_it_rather_than_letting_go(task, miss):
     """DAgger corrections that open the fingers around a cube the policy was closing on would teach
-    letting go of good grasps (the default then grasped, opened and grasped again)."""
+    letting go of good grasps (the default then grasped, opened and grasped again). Taken over one
+    step into closing where the expert closes, or once closed 1.8 cm beside that (fingers on the cube)."""
     env = make_env(task)
     obs, _ = env.reset(seed=1002)
-    first = load_policy("expert", env)
+    first = ScriptedExpert(env, miss=miss)
     first.reset(obs["instruction"])
     while first.phase < 2:
         obs, *_ = env.step(first.act(obs))
     obs, *_ = env.step(first.act(obs))  # closing, the cube still on the table
+    while miss and first.phase < 3:
+        obs, *_ = env.step(first.act(obs))
     second = load_policy("expert", env)
     second.reset(obs["instruction"])  # a fresh one, as after a learned policy's steps
     assert second.phase == 2

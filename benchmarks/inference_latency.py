@@ -40,6 +40,7 @@ from vla.model.checkpoint import read_meta, save_checkpoint, untrained_stats
 from vla.model.random_backbones import save_random_vlm
 from vla.runtime import Runtime, load_runtime
 from vla.runtime.export import export_onnx
+from vla.runtime.onnx_backend import OnnxModelError, choose_providers
 
 BIG_BACKBONE = dict(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=5504)
 VLMS = {"smolvlm-250m": "250m", "smolvlm-500m": "500m"}
@@ -172,6 +173,16 @@ def variants(checkpoint: Path, device: str, onnx: Path | None):
     return rows
 
 
+def onnx_runs_on(device: str) -> bool:
+    """Whether onnxruntime has a provider for `device`; if not, say why its rows are skipped."""
+    try:
+        choose_providers(device)
+    except OnnxModelError as exc:
+        print(f"skipping the onnxruntime rows: {exc}", flush=True)
+        return False
+    return True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", help="default: policies/checkpoints/default, else a random default model")
@@ -206,7 +217,8 @@ def main() -> None:
             print(f"{label}: {new_instruction_ms(runtime.processor):.1f} ms p50 to encode a new instruction "
                   f"with the language prior (once per instruction; the rows below reuse it)", flush=True)
         onnx = None
-        if name != "0.5b" or device == "cuda":  # the 0.5B Llama's export alone takes minutes on 2 CPU cores
+        # the 0.5B Llama's export alone takes minutes on 2 CPU cores
+        if (name != "0.5b" or device == "cuda") and onnx_runs_on(device):
             onnx = checkpoint / "model.onnx"
             if not onnx.is_file():
                 onnx = work / f"{name}.onnx"

@@ -60,8 +60,9 @@ def open_session(path: str | Path, model: VLAModel, checkpoint: str | Path, devi
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or min(4, os.cpu_count() or 1)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    providers = choose_providers(device)  # outside the try: a missing provider is not a corrupt file
     try:
-        session = ort.InferenceSession(str(path), options, providers=choose_providers(device))
+        session = ort.InferenceSession(str(path), options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own exception types for unreadable models
         raise OnnxModelError(f"{path}: not a readable ONNX model (truncated or corrupt?): {exc}") from exc
     found = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)

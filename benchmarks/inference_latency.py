@@ -203,6 +203,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="vla-bench-"))
     shipped = Path(args.checkpoint) if args.checkpoint else CHECKPOINT_DIR / "default"
     rows = []
+    onnx_runs = onnx_runs_on(device)
     for name in args.models.split(","):
         if name == "default":
             checkpoint, label = checkpoint_to_time(shipped, work)
@@ -218,7 +219,7 @@ def main() -> None:
                   f"with the language prior (once per instruction; the rows below reuse it)", flush=True)
         onnx = None
         # the 0.5B Llama's export alone takes minutes on 2 CPU cores
-        if (name != "0.5b" or device == "cuda") and onnx_runs_on(device):
+        if (name != "0.5b" or device == "cuda") and onnx_runs:
             onnx = checkpoint / "model.onnx"
             if not onnx.is_file():
                 onnx = work / f"{name}.onnx"

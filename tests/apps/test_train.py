@@ -202,7 +202,7 @@ def test_overrides_and_config_errors(tmp_path):
         load_config("policies/configs/quickstart-cpu.yaml", ["precision=fp16"])
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
-    with pytest.raises(ConfigError, match="recorded with the init checkpoint: set init"):
+    with pytest.raises(ConfigError, match=r"need a checkpoint to drive them: set data\.corrections\.policy or init"):
         load_config("policies/configs/quickstart-cpu.yaml", ["data.corrections={episodes: 2, takeover: {reach: 5}}"])
     with pytest.raises(ConfigError, match=r"takeover names tasks outside data\.tasks"):
         load_config("policies/configs/quickstart-cpu.yaml",
@@ -358,6 +358,14 @@ def test_a_recipe_from_init_trains_that_recipe_first_then_on_its_corrections(tmp
     changed.write_text(yaml.safe_dump({**then, "model": {**TINY_MODEL, "hidden_size": 48}}))
     assert vla_main(["train", "--config", str(changed), "--no-progress"]) == 2
     assert "differs from the checkpoint's" in capsys.readouterr().err
+    # without init, data.corrections.policy drives them and a model of its own is trained from scratch
+    scratch = {**then, "init": "", "model": {**TINY_MODEL, "hidden_size": 48}, "out_dir": str(tmp_path / "scratch"),
+               "data": {**then["data"], "corrections": {**corrections, "policy": str(tmp_path / "first" / "final")}}}
+    (tmp_path / "scratch.yaml").write_text(yaml.safe_dump(scratch))
+    assert vla_main(["train", "--config", str(tmp_path / "scratch.yaml"), "--no-progress"]) == 0
+    recorded = json.loads((tmp_path / "scratch" / "corrections" / "manifest.json").read_text())["episodes"]
+    assert len(recorded) == 2 and all(e["policy"] == str(tmp_path / "first" / "final") for e in recorded)
+    assert load_checkpoint(tmp_path / "scratch" / "final")[0].config.hidden_size == 48
 
 
 @pytest.mark.gpu

@@ -1,6 +1,6 @@
 """Ctrl-C and `ros2 launch`'s stop: every node, on SIGINT or SIGTERM, once or repeated, finishes its
 work (policy_node: a last zero twist; recorder_node: its episode closed and listed) and exits 0
-without a traceback, within its 2 s deadline."""
+without a traceback, within its deadlines (vla_ros.runner)."""
 from __future__ import annotations
 
 import signal
@@ -20,8 +20,8 @@ NODES = ("sim_node", "policy_node", "recorder_node", "replay_node")
 # escalation; and a plain `kill`.
 PATTERNS = {"SIGINT twice": (signal.SIGINT, signal.SIGINT), "SIGINT, SIGTERM": (signal.SIGINT, signal.SIGTERM),
             "SIGTERM": (signal.SIGTERM,)}
-# The nodes' own deadline is 2 s (a cleanup that overruns it exits 1); the wait measured here also
-# holds the time the processes wait for a CPU on a busy machine.
+# The nodes' own deadlines: 1.8 s for their work, 3 s more to leave ROS (an overrun exits 1); the wait
+# measured here also holds the time the processes wait for a CPU on a busy machine.
 EXIT_WITHIN_S = 6.0
 STREAMS = 7  # recorded without the wrist camera: image, joint states, IMU, instruction, action, twist, gripper
 

@@ -186,6 +186,16 @@ class IndexUnion:
     def sample_tasks(self) -> np.ndarray:
         return np.concatenate([part.sample_tasks for part in self.parts])
 
+    @property
+    def stats(self) -> dict:
+        """The first part's (the demonstrations'): a model trained from scratch on them and their
+        corrections bins actions as one trained on the demonstrations alone."""
+        return self.parts[0].stats
+
+    @property
+    def instructions(self) -> list[str]:
+        return sorted({text for part in self.parts for text in part.instructions})
+
     def batch(self, indices) -> dict:
         indices = np.asarray(indices, dtype=np.int64)
         which = np.searchsorted(self._offsets, indices, side="right") - 1

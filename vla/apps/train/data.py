@@ -38,12 +38,13 @@ def ensure_dataset(config: TrainConfig) -> Path:
 
 
 def ensure_corrections(config: TrainConfig, init: Path | None) -> None:
-    """data.corrections recorded with the `init` checkpoint into out_dir/corrections (what is missing
-    of them), from their own seeds (vla.apps.rollout.CORRECTIONS_SEED_OFFSET)."""
+    """data.corrections recorded with their policy (else the `init` checkpoint) into out_dir/corrections
+    (what is missing of them), from their own seeds (vla.apps.rollout.CORRECTIONS_SEED_OFFSET)."""
     corrections = config.data.corrections
     if corrections.episodes:
         sim = SimConfig.for_spec(config.model.spec, **randomization(config.data.collect.randomize))
-        record_dataset(corrections_dir(config), list(corrections.takeover), corrections.episodes, str(init), sim,
+        policy = corrections.policy or str(init)
+        record_dataset(corrections_dir(config), list(corrections.takeover), corrections.episodes, policy, sim,
                        seed=CORRECTIONS_SEED_OFFSET, workers=corrections.workers,
                        expert_takeover=corrections.takeover)
 

@@ -33,13 +33,16 @@ class CollectConfig:
 
 @dataclass
 class CorrectionsConfig:
-    """DAgger-style corrections, recorded before training with the recipe's `init` checkpoint: it
-    drives each episode for a random 0..takeover[task] steps, then the scripted expert finishes; the
-    expert's steps are trained on beside data.dataset. They teach recovering from the states the
-    checkpoint itself reaches (a cube dropped on the way to the bin, a grasp beside the cube, a push
-    drifting off its line), which demonstrations alone never show."""
+    """DAgger-style corrections, recorded before training with a checkpoint (`policy`, else the recipe's
+    `init`): it drives each episode for a random 0..takeover[task] steps, then the scripted expert
+    finishes; the expert's steps are trained on beside data.dataset. They teach recovering from the
+    states the checkpoint itself reaches (a cube dropped on the way to the bin, a grasp beside the
+    cube, a push drifting off its line), which demonstrations alone never show."""
 
     episodes: int = 0  # per task in `takeover` (0: none), into out_dir/corrections
+    # the checkpoint directory that drives them, for a model trained from scratch on the demonstrations
+    # and these (DAgger's aggregated dataset); "": the recipe's `init`, which training continues
+    policy: str = ""
     takeover: dict[str, int] = field(default_factory=dict)  # task -> the most steps the checkpoint drives
     workers: int = 2
 
@@ -170,8 +173,8 @@ class TrainConfig:
         if unknown or not self.data.tasks:
             raise ValueError(f"data.tasks: unknown task(s) {unknown}; choose from {sorted(TASKS)}")
         self.check_finetune()
-        if self.data.corrections.episodes and not self.init:
-            raise ValueError("data.corrections are recorded with the init checkpoint: set init")
+        if self.data.corrections.episodes and not (self.init or self.data.corrections.policy):
+            raise ValueError("data.corrections need a checkpoint to drive them: set data.corrections.policy or init")
         if set(self.data.corrections.takeover) - set(self.data.tasks):
             raise ValueError(f"data.corrections.takeover names tasks outside data.tasks {list(self.data.tasks)}")
         if self.eval.decoder and self.eval.decoder not in self.model.decoders:

@@ -71,7 +71,7 @@ OBSERVATION = ("image", "joint_states", "imu")
 TICK_S = 0.05
 EARLY_LIMIT = 20_000  # messages of an episode not announced yet, kept for when it is
 TAKE_AT_ONCE = 100
-DRAIN_S = 0.8  # at a stop, for the messages the readers hold (of runner.STOP_DEADLINE_S)
+DRAIN_S = 0.8  # at a stop, for the messages the readers hold (of runner.WORK_DEADLINE_S)
 PAIR_WINDOW_NS = 2_000_000_000  # an action and its twist arrive at most this far apart
 
 

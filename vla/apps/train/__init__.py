@@ -2,7 +2,8 @@
 VLA policy from a YAML recipe (recipe), on a dataset it records first if the recipe says so (data),
 resumable exactly (state), in one process or under torchrun (loop). A recipe with `init` starts from
 another run's weights (that recipe is trained first when its run has no final checkpoint) and may
-record DAgger corrections with them first (`data.corrections`):
+record DAgger corrections with them first (`data.corrections`; with `data.corrections.policy`, a
+checkpoint records them for a model trained from scratch):
 
     torchrun --nproc_per_node N -m vla.apps.train --config policies/configs/full-gpu.yaml   (DDP)
 """

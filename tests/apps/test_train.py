@@ -3,6 +3,7 @@ non-finite loss, DDP on CPU (gloo, 2 processes), and the whole `vla train` comma
 records itself."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ import yaml
 from sim import language
 from sim.config import DISTURBANCE
 from vla.apps.replay import replay
+from vla.apps.train import loop
 from vla.apps.train.data import BatchSchedule, noisy_instruction, open_dataset, random_shift, rephrased
 from vla.apps.train.loop import TrainingError, busy_warning, other_busy_cores, train, weight_average
 from vla.apps.train.recipe import TrainConfig, load_config
@@ -31,7 +33,8 @@ from vla.config import ConfigError
 from vla.contracts import ACTION_HIGH, ACTION_LOW
 from vla.data.index import EpisodeIndex
 from vla.data.reader import read_episode
-from vla.model.checkpoint import CheckpointError, load_checkpoint
+from vla.model import ModelConfig, create
+from vla.model.checkpoint import CheckpointError, load_checkpoint, untrained_stats
 
 TINY_MODEL = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64, "vision_width": 16,
               "max_text_tokens": 8, "chunk": 2, "decoders": ["parallel", "autoregressive"]}
@@ -390,6 +393,19 @@ def test_bf16_training_on_cpu(tmp_path):
     assert model.lm.config._attn_implementation == "eager"
     a, b = first["fp32"][1], first["bf16"][1]
     assert 0 < abs(a - b) < 0.05 * a
+
+
+def test_precision_auto_takes_bf16_only_on_a_cpu_that_multiplies_it(monkeypatch):
+    """Emulated bf16 (no AMX or AVX512-BF16) made the all-task recipe 8x slower than fp32."""
+    model, _ = create(ModelConfig(**TINY_MODEL), untrained_stats(), language.corpus())
+    cpu = torch.device("cpu")
+    for units, context in ((False, contextlib.nullcontext), (True, torch.autocast)):
+        monkeypatch.setattr(loop, "bf16_matrix_units", lambda units=units: units)
+        assert isinstance(loop.mixed_precision(model, "auto", cpu), context)
+        assert isinstance(loop.mixed_precision(model, "fp32", cpu), contextlib.nullcontext)
+    monkeypatch.setattr(loop, "bf16_matrix_units", lambda: False)
+    with pytest.warns(UserWarning, match="slower than fp32"):
+        assert isinstance(loop.mixed_precision(model, "bf16", cpu), torch.autocast)  # asked for: warned, done
 
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="inductor on CPU needs a C++ compiler")

@@ -86,17 +86,17 @@ def make_optimizer(model: torch.nn.Module, optim: OptimConfig, device: torch.dev
 
 
 def mixed_precision(model: VLAModel, precision: str, device: torch.device):
-    """The context the forward pass runs in: bf16 autocast (precision bf16; auto on CUDA and on a CPU
-    with bf16 matrix units) or none. On CPU the LM's attention then goes eager: SDPA's bf16 backward
-    on CPU took ~7x its fp32 time (58 against 8 ms a layer, batch 64 x 55 tokens), while eager
-    attention's matmuls use AMX."""
-    fast_bf16 = device.type == "cuda" or bf16_matrix_units()
-    if precision == "fp32" or (precision == "auto" and not fast_bf16):
+    """The context the forward pass runs in: bf16 autocast (precision bf16, or auto on CUDA) or none.
+    bf16 on a CPU without bf16 matrix units trains in fp32 (warned). On CPU the LM's attention then
+    goes eager: SDPA's bf16 backward on CPU took ~7x its fp32 time (58 against 8 ms a layer, batch
+    64 x 55 tokens), while eager attention's matmuls use AMX."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return nullcontext()
     if device.type == "cpu":
-        if not fast_bf16:
-            warnings.warn("precision: bf16 on a CPU without bf16 matrix units (AMX, AVX512-BF16) is slower than fp32 "
-                          "(precision: auto takes fp32 there)", stacklevel=2)
+        if not bf16_matrix_units():
+            warnings.warn("precision: bf16 on this CPU would be emulated (no AMX or AVX512-BF16: 8x slower); "
+                          "training in fp32", stacklevel=2)
+            return nullcontext()
         model.lm.set_attn_implementation("eager")
     return torch.autocast(device.type, torch.bfloat16)
 

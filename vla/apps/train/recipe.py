@@ -134,9 +134,9 @@ class TrainConfig:
     out_dir: str = "runs/quickstart"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    # auto: bf16 autocast on CUDA and on a CPU with bf16 matrix units (AMX, AVX512-BF16: the all-task
-    # model trains ~1.7x faster there, benchmarks/train_throughput.py), fp32 on other CPUs (torch
-    # emulates bf16 there: 8x slower on an AVX2 EPYC).
+    # auto: bf16 autocast on CUDA, fp32 on CPU. bf16 on CPU pays only where the CPU has bf16
+    # matrix units (AMX, AVX512-BF16): there the all-task model trains ~1.7x faster (benchmarks/
+    # train_throughput.py); elsewhere torch would emulate it (8x slower), so bf16 trains in fp32.
     precision: str = "auto"  # auto | bf16 | fp32
     # torch.compile the training forward and backward (inductor): it fuses the casts and elementwise
     # work that dominate a small model's step. The first steps compile (minutes on 2 cores; on CPU

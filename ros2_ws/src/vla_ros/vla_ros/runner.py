@@ -1,7 +1,7 @@
 """The `main` of every node: spin until SIGINT or SIGTERM, then let the node finish its work (a last
 zero twist, a bag closed properly) within WORK_DEADLINE_S while ROS is still up, leave ROS (its
 endpoints announced gone, so that peers and a respawned node do not see stale ones) within
-LEAVE_DEADLINE_S more, and exit 0. Both take ~0.1-0.4 s; a deadline overrun exits 1 with the stacks.
+LEAVE_DEADLINE_S more, and exit 0. Each takes well under a second; an overrun exits 1 with the stacks.
 
 Under `ros2 launch` a terminal Ctrl-C reaches every node twice (the terminal's SIGINT to the process
 group, then the one launch forwards), and launch escalates to SIGTERM. So the handler only notes a

@@ -369,6 +369,9 @@ def test_a_recipe_from_init_trains_that_recipe_first_then_on_its_corrections(tmp
     recorded = json.loads((tmp_path / "scratch" / "corrections" / "manifest.json").read_text())["episodes"]
     assert len(recorded) == 2 and all(e["policy"] == str(tmp_path / "first" / "final") for e in recorded)
     assert load_checkpoint(tmp_path / "scratch" / "final")[0].config.hidden_size == 48
+    bad = ["-o", f"data.corrections.policy={tmp_path / 'nothing'}", "-o", f"out_dir={tmp_path / 'none'}"]
+    assert vla_main(["train", "--config", str(tmp_path / "scratch.yaml"), "--no-progress", *bad]) == 2
+    assert "not a checkpoint directory" in capsys.readouterr().err and not (tmp_path / "none").exists()
 
 
 @pytest.mark.gpu

@@ -181,6 +181,8 @@ def train(config: TrainConfig, index=None, resume: str | Path | None = None, pro
     """Train; -> the trained (unwrapped) model. `index` replaces the recipe's dataset (tests);
     `resume` is a step checkpoint directory, or "latest" for the newest complete one in out_dir."""
     init = initial_checkpoint(config, progress)
+    if config.data.corrections.policy:
+        read_meta(config.data.corrections.policy)  # as init's: a clear error before the demonstrations are recorded
     procs = setup_processes(config)
     out_dir = Path(config.out_dir)
     if config.threads:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-GRIPPER = 6  # index of the gripper command in an action
+from vla.contracts.action import GRIPPER
 
 
 def temporal_ensemble(predictions: np.ndarray, ages: np.ndarray, decay: float) -> np.ndarray:

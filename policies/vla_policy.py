@@ -8,6 +8,8 @@ its own, ModelConfig.execution; `execution` overrides it):
   Closed-loop at every step, and smooth.
 - "chunk": predict a chunk, execute its first `execute_steps` actions open-loop (all k when 0),
   then predict again. Fewer model calls; with k = 1 both schemes are the same.
+Either way a closed gripper opens only once the model has asked for `gripper_open_steps`
+consecutive steps (policies.gripper; the checkpoint's ModelConfig.gripper_open_steps unless given).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from policies.ensemble import temporal_ensemble
+from policies.gripper import GripperLatch
 from vla.contracts.action import ACTION_DIM
 from vla.contracts.observation import ObservationSpec
 from vla.model.config import EXECUTIONS
@@ -27,7 +30,12 @@ class VLAPolicy:
     """Executes the action chunks of a Runtime (vla.runtime: torch or onnx, CPU or CUDA)."""
 
     def __init__(
-        self, runtime: Runtime, execution: str | None = None, execute_steps: int = 0, ensemble_decay: float = 0.5
+        self,
+        runtime: Runtime,
+        execution: str | None = None,
+        execute_steps: int = 0,
+        ensemble_decay: float = 0.5,
+        gripper_open_steps: int | None = None,
     ):
         execution = execution or runtime.config.execution
         if execution not in EXECUTIONS:
@@ -40,6 +48,9 @@ class VLAPolicy:
         self.runtime, self.execution = runtime, execution
         self.execute_steps = execute_steps or chunk
         self.ensemble_decay = ensemble_decay
+        self.gripper = GripperLatch(
+            runtime.config.gripper_open_steps if gripper_open_steps is None else gripper_open_steps
+        )
         self.reset("")
 
     @classmethod
@@ -68,6 +79,7 @@ class VLAPolicy:
         self.instruction, self.t = instruction, 0
         self.chunks: deque[tuple[int, np.ndarray]] = deque(maxlen=self.runtime.chunk)  # (step predicted, [k, 7])
         self.queue: deque[np.ndarray] = deque()
+        self.gripper.reset()
 
     def act(self, obs: dict) -> np.ndarray:
         instruction = obs.get("instruction") or self.instruction
@@ -84,4 +96,5 @@ class VLAPolicy:
             predictions = np.stack([chunk[age] for (_, chunk), age in zip(self.chunks, ages)])
             action = temporal_ensemble(predictions, ages, self.ensemble_decay)
         self.t += 1
-        return action.astype(np.float32).reshape(ACTION_DIM)  # inside the limits: the runtime's chunks are
+        # inside the limits: the runtime's chunks are, and the latch only repeats an earlier opening
+        return self.gripper(action).astype(np.float32).reshape(ACTION_DIM)

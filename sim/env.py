@@ -15,7 +15,7 @@ from sim.robot import HAND_LINK, Panda
 from sim.scene import BIN_INNER_HALF, BIN_WALL, Scene
 from sim.sensors import SCENE_EYE, SCENE_TARGET, Camera, Imu, wrist_view
 from sim.tasks import TOUCH_DISTANCE, make_task
-from vla.contracts.action import ACTION_HIGH, ACTION_LOW, clip_action
+from vla.contracts.action import ACTION_HIGH, ACTION_LOW, CLOSING, clip_action
 from vla.contracts.observation import (
     IMU_CHANNELS,
     INSTRUCTION_CHARSET,
@@ -36,7 +36,6 @@ START_LOW, START_HIGH = np.array([0.35, -0.15, 0.18]), np.array([0.55, 0.15, 0.3
 STREAMS = {"shades": 1, "camera": 2, "lighting": 3, "language": 4, "disturbance": 5, "takeover": 6, "same_colour": 7,
            "miss": 8}
 RESET_OPTIONS = ("instruction",)
-CLOSING = 0.5  # a gripper command (opening, 1 open) below this closes the hand: info["first_close"]
 
 
 def stream(seed: int, purpose: str) -> np.random.Generator:

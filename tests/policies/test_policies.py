@@ -9,23 +9,30 @@ import pytest
 
 from policies import Policy, RandomPolicy, load_policy
 from policies.ensemble import temporal_ensemble
+from policies.gripper import GripperLatch
 from policies.vla_policy import VLAPolicy
 from sim import make_env
 from sim.expert import ScriptedExpert
 from vla.contracts.observation import ObservationSpec
 from vla.model.checkpoint import save_checkpoint
+from vla.model.config import ModelConfig
 
 
 class ScriptedModel:
-    """Stands in for a Runtime: the chunk predicted at call n is n * 0.01 + 0.001 * (index in chunk)."""
+    """Stands in for a Runtime: the chunk predicted at call n is n * 0.01 + 0.001 * (index in chunk),
+    its gripper openings the next of `openings` (open throughout when none are given)."""
 
-    def __init__(self, chunk: int):
-        self.chunk = chunk
+    def __init__(self, chunk: int, openings: list[float] | None = None, gripper_open_steps: int = 1):
+        self.chunk, self.openings = chunk, list(openings or [])
+        self.config = ModelConfig(chunk=chunk, execution="chunk", gripper_open_steps=gripper_open_steps)
         self.calls = 0
 
     def predict(self, obs):
-        chunk = np.zeros((1, self.chunk, 7), np.float32)
+        chunk = np.ones((1, self.chunk, 7), np.float32)
+        chunk[0, :, :6] = 0.0
         chunk[0, :, 0] = self.calls * 0.01 + 0.001 * np.arange(self.chunk)
+        for i in range(self.chunk):
+            chunk[0, i, 6] = self.openings.pop(0) if self.openings else 1.0
         self.calls += 1
         return chunk
 
@@ -65,6 +72,33 @@ def test_the_gripper_follows_the_newest_chunk_not_a_mean():
     assert action[6] == 0.0 and action.dtype == np.float32
 
 
+def test_a_closed_gripper_opens_only_on_a_steady_request():
+    """Open (1) after closing (0.2) passes on the third request in a row; closing is never delayed;
+    the rest of the action passes untouched."""
+    latch = GripperLatch(open_steps=3)
+    openings = [1.0, 0.2, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.8, 0.1]
+    out = []
+    for i, opening in enumerate(openings):
+        action = np.full(7, 0.01 * i, np.float32)
+        action[6] = opening
+        played = latch(action)
+        assert np.array_equal(played[:6], action[:6]) and action[6] == opening  # no change in place
+        out.append(float(played[6]))
+    assert out == pytest.approx([1.0, 0.2, 0.2, 0.2, 0.0, 0.0, 0.0, 1.0, 0.8, 0.1])
+    assert GripperLatch(1)(np.array([0, 0, 0, 0, 0, 0, 1.0]))[6] == 1.0
+
+
+def test_vla_policy_plays_its_chunks_through_the_gripper_latch():
+    """The latch sits after chunk execution and counts control steps, across chunk boundaries; a new
+    instruction starts it afresh."""
+    openings = [0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    policy = VLAPolicy(ScriptedModel(4, openings, gripper_open_steps=3))
+    policy.reset("pick up the red cube")
+    assert [float(policy.act(OBS)[6]) for _ in range(6)] == [0, 0, 0, 0, 1, 0]
+    assert policy.act({"instruction": "pick up the blue cube"})[6] == 1.0  # not held: a new episode
+    assert VLAPolicy(ScriptedModel(4, openings, 3), gripper_open_steps=1).gripper.open_steps == 1
+
+
 def test_new_instruction_restarts_execution():
     model = ScriptedModel(chunk=4)
     policy = VLAPolicy(model, execution="chunk")
@@ -79,6 +113,9 @@ def test_bad_settings():
         VLAPolicy(ScriptedModel(2), execution="sometimes")
     with pytest.raises(ValueError, match="execute_steps"):
         VLAPolicy(ScriptedModel(2), execution="chunk", execute_steps=3)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="gripper_open_steps"):
+            VLAPolicy(ScriptedModel(2), gripper_open_steps=bad)
 
 
 def test_checkpoint_policy_runs_closed_loop_in_sim(tmp_path, tiny_model):
@@ -101,17 +138,23 @@ def test_checkpoint_policy_runs_closed_loop_in_sim(tmp_path, tiny_model):
 
 
 def test_a_checkpoint_names_how_its_chunks_are_executed(tmp_path, tiny_model):
-    """The execution trained and measured with travels in the checkpoint; old checkpoints, saved
-    without it, keep the temporal ensemble they were measured with; an explicit one overrides."""
-    path = save_checkpoint(tmp_path / "chunk", *tiny_model(execution="chunk"))
+    """The execution trained and measured with (and the gripper latch) travels in the checkpoint; old
+    checkpoints, saved without them, keep the temporal ensemble and the gripper that opens at once
+    they were measured with; an explicit one overrides."""
+    path = save_checkpoint(tmp_path / "chunk", *tiny_model(execution="chunk", gripper_open_steps=3))
     assert VLAPolicy.from_checkpoint(path).execution == "chunk"
+    assert VLAPolicy.from_checkpoint(path).gripper.open_steps == 3
     assert VLAPolicy.from_checkpoint(path, execution="ensemble").execution == "ensemble"
+    assert VLAPolicy.from_checkpoint(path, gripper_open_steps=1).gripper.open_steps == 1
     meta = json.loads((path / "config.json").read_text())
-    del meta["model"]["execution"]
+    del meta["model"]["execution"], meta["model"]["gripper_open_steps"]
     (path / "config.json").write_text(json.dumps(meta))
     assert VLAPolicy.from_checkpoint(path).execution == "ensemble"
+    assert VLAPolicy.from_checkpoint(path).gripper.open_steps == 1
     with pytest.raises(ValueError, match=r"ModelConfig\.execution"):
         tiny_model(execution="sometimes")
+    with pytest.raises(ValueError, match=r"ModelConfig\.gripper_open_steps"):
+        tiny_model(gripper_open_steps=0)
 
 
 def test_every_policy_says_what_it_observes():

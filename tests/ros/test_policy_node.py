@@ -28,6 +28,7 @@ from vla.data import messages as M  # noqa: E402
 from vla.model.checkpoint import save_checkpoint  # noqa: E402
 from vla_ros import qos  # noqa: E402
 from vla_ros.conversions import fill  # noqa: E402
+from vla_ros.policy_node import gripper_latch  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[2] / "ros2_ws" / "src" / "vla_ros" / "config"
 CHECKPOINT = CHECKPOINT_DIR / "default"
@@ -286,6 +287,14 @@ def test_async_inference_holds_when_the_chunks_run_out(ros, tmp_path, tiny_model
     moving = [not ros.is_zero(t) for _, t in twists[start:]]
     changes = sum(a != b for a, b in itertools.pairwise(moving))
     assert changes >= 3, f"not moving and holding in turn: {moving}"
+
+
+def test_async_inference_latches_the_gripper_as_the_policy_does(tmp_path, tiny_model):
+    """Blending the chunks bypasses VLAPolicy.act: the node plays them through the policy's own
+    latch (reset with it at each instruction); other policies' grippers open at once."""
+    policy = load_policy(str(save_checkpoint(tmp_path / "model", *tiny_model(gripper_open_steps=3))))
+    assert gripper_latch(policy) is policy.gripper and policy.gripper.open_steps == 3
+    assert gripper_latch(load_policy("random")).open_steps == 1
 
 
 def stamps(messages: list) -> set[int]:

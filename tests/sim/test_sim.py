@@ -6,10 +6,10 @@ import pytest
 
 from policies import load_policy
 from sim import ENV_IDS, TASKS, SimConfig, make_env
-from sim.env import CLOSING
 from sim.expert import ScriptedExpert
 from sim.scene import COLOURS
 from vla.contracts import MAX_TRANSLATION, STATE_DIM, state_from_joints
+from vla.contracts.action import CLOSING
 
 ROLLOUT = """
 import hashlib, numpy as np

@@ -79,6 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--decoder", default=None, help="parallel | autoregressive (default: the model's first)")
     parser.add_argument("--execution", choices=EXECUTIONS, help="default: the checkpoint's")
+    parser.add_argument("--gripper-open-steps", type=int, default=None,
+                        help="a closed gripper opens after this many consecutive steps asking to "
+                             "(policies.gripper; 1: at once; default: the checkpoint's)")
     parser.add_argument("--out", default="outputs/eval", help="directory for report.json and rollouts.mp4")
     parser.add_argument("--video-episodes", type=int, default=2, help="episodes per task in the video (0: none)")
     add_episode_arguments(parser)
@@ -90,7 +93,8 @@ def run(args) -> int:
     settings = episode_settings(args)
     tasks = parse_tasks(args.task) if args.task else trained_tasks(args.checkpoint)
     policy = TimedPolicy(VLAPolicy.from_checkpoint(args.checkpoint, args.backend, args.device, args.decoder,
-                                                   threads=args.threads, execution=args.execution))
+                                                   threads=args.threads, execution=args.execution,
+                                                   gripper_open_steps=args.gripper_open_steps))
     out = Path(args.out)
     video = out / "rollouts.mp4" if args.video_episodes else None
     # held-out phrasings are compared with the training ones on the same seeds
@@ -112,6 +116,7 @@ def run(args) -> int:
     chosen = results[args.phrasings]
     report = {
         "checkpoint": str(args.checkpoint), "runtime": policy.policy.runtime.name, "execution": policy.policy.execution,
+        "gripper_open_steps": policy.policy.gripper.open_steps,
         "seeds": [args.seed, args.seed + args.episodes - 1],
         "settings": settings, "instruction": args.instruction, "threads": args.threads,
         "success": {task: success_rate(rows) for task, rows in by_task(chosen).items()},

@@ -7,6 +7,8 @@ import numpy as np
 
 ACTION_DIM = 7
 ACTION_NAMES = ("dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper")
+GRIPPER = 6  # index of the gripper opening in an action
+CLOSING = 0.5  # a gripper opening below this is a command to close the hand (the rest, to open it)
 MAX_TRANSLATION = 0.05  # m per control step
 MAX_ROTATION = 0.3  # rad per control step
 ACTION_LOW = np.array([-MAX_TRANSLATION] * 3 + [-MAX_ROTATION] * 3 + [0.0], dtype=np.float32)

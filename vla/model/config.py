@@ -14,7 +14,8 @@ VISION_ENCODERS = (*FROM_SCRATCH_VISION, "pretrained", "vlm")
 # Upper bounds catch a damaged or mistyped config before it asks for terabytes.
 SIZE_LIMITS = {"image_size": 1024, "state_dim": 1024, "imu_window": 1000, "max_text_tokens": 512, "patch_size": 256,
                "keypoints": 1024, "vision_width": 8192, "vision_layers": 64, "hidden_size": 16384, "num_layers": 256,
-               "num_heads": 256, "intermediate_size": 65536, "text_vocab_size": 1 << 20, "chunk": 256}
+               "num_heads": 256, "intermediate_size": 65536, "text_vocab_size": 1 << 20, "chunk": 256,
+               "gripper_open_steps": 100}
 EXECUTIONS = ("ensemble", "chunk")  # how a policy plays the action chunks (ModelConfig.execution)
 # Placeholders of the multimodal sentence; each is replaced by its sensor's projected tokens.
 SENSOR_PLACEHOLDERS = {"image": "<image>", "wrist_image": "<wrist_image>", "state": "<state>", "imu": "<imu>"}
@@ -95,6 +96,9 @@ class ModelConfig:
     # the checkpoint because the better one depends on the model: the all-task model picks 83 % with
     # "chunk", 43 % with "ensemble" (docs/all-tasks-cpu.md).
     execution: str = "ensemble"
+    # A closed gripper opens only after this many consecutive steps asking to (policies.gripper;
+    # 1: at once). Part of the checkpoint for the same reason: chosen on validation seeds per model.
+    gripper_open_steps: int = 1
 
     def __post_init__(self):
         for name, most in SIZE_LIMITS.items():

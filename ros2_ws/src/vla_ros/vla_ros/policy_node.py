@@ -12,7 +12,8 @@ node is disabled, it holds: zero twist and the last gripper command, every contr
 
 `inference: sync` runs the policy inside the control cycle (a model slower than the period misses
 cycles); `inference: async` runs it on a thread of its own and plays its action chunks at the control
-rate (vla_ros.chunks), holding also when the chunks run out before a new one arrives.
+rate (vla_ros.chunks), holding also when the chunks run out before a new one arrives. Either way a
+closed gripper opens only on the checkpoint's steady request (policies.gripper).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from std_msgs.msg import Float32MultiArray, Float64, String
 from std_srvs.srv import SetBool
 
 from policies import CHECKPOINT_DIR, load_policy
+from policies.gripper import GripperLatch
 from vla.contracts.action import clip_action
 from vla.contracts.topics import BASE_FRAME, TOPICS
 from vla_ros import params, qos
@@ -136,6 +138,12 @@ def chunk_predictor(policy):
     return lambda observation: clip_action(policy.act(observation))[None]
 
 
+def gripper_latch(policy) -> GripperLatch:
+    """What opens the gripper when the node blends the chunks: a VLA policy's own latch (its act(),
+    which would apply it, is bypassed; its reset() resets it), or one that opens at once."""
+    return getattr(policy, "gripper", None) or GripperLatch()
+
+
 class Stats:
     """Command rate, latency (camera stamp -> command published), inference time and missed control
     cycles (periods without a command while controlling; time spent holding is not counted)."""
@@ -191,6 +199,7 @@ class PolicyNode(LifecycleNode):
         self.gripper: float | None = None  # last gripper command, kept while holding
         self.last_frame = -1  # image trigger: stamp of the last camera frame that triggered a step
         self.chunks: ActionChunks | None = None  # async inference: the chunks played
+        self.latch: GripperLatch | None = None  # async inference: when a closed gripper may open
         self.inference: InferenceThread | None = None
         self.episode = 0  # async inference: counts instructions, so that chunks for an older one are dropped
         self.submitted = -1  # async inference: stamp of the last camera frame given to the model
@@ -230,6 +239,7 @@ class PolicyNode(LifecycleNode):
         self.stats = Stats(period_ns)
         if cfg.inference == "async":
             self.chunks = ActionChunks(cfg.action_rate_hz, cfg.ensemble_decay)
+            self.latch = gripper_latch(policy)
             self.inference = InferenceThread(chunk_predictor(policy), cfg.inference_delay)
         # The instruction subscription comes first: when a new episode's instruction and observation
         # are waiting together, the executor serves subscriptions in creation order.
@@ -422,7 +432,8 @@ class PolicyNode(LifecycleNode):
         elif planned is None:
             self.hold("chunk:empty", "no action chunk for now: the model is slower than its chunks last")
         else:
-            self.command(*planned)
+            action, stamp = planned
+            self.command(self.latch(action), stamp)
 
     def hold(self, kind: str, text: str) -> None:
         """Zero twist (stamped now) and the last gripper command."""

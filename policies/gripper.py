@@ -10,9 +10,9 @@ from vla.contracts.action import CLOSING, GRIPPER
 class GripperLatch:
     """Keeps a closed gripper closed until the policy has asked to open it for `open_steps`
     consecutive control steps (1: at once); closing is never delayed (a late close misses the
-    grasp). The all-task model's worst failure is letting go of a carried cube on the way to the
-    bin (docs/all-tasks-cpu.md): with open_steps 3 it places 80 % against 71 % on 150 validation
-    seeds, picks and pushes as before."""
+    grasp). Letting go of a carried cube on the way to the bin is one of the all-task model's two
+    main place failures (docs/all-tasks-cpu.md): with open_steps 3 it places 79 % against 74 % on 300 validation
+    seeds, and picks and pushes as before."""
 
     def __init__(self, open_steps: int = 1):
         if isinstance(open_steps, bool) or not isinstance(open_steps, int) or open_steps < 1:

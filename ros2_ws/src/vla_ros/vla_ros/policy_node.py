@@ -298,7 +298,7 @@ class PolicyNode(LifecycleNode):
     def release(self) -> None:
         if self.inference is not None:
             self.inference.stop()
-        self.inference = self.chunks = None
+        self.inference = self.chunks = self.latch = None
         for subscription in self.input_subscriptions:
             self.destroy_subscription(subscription)
         for publisher in self.command_publishers:

@@ -13,6 +13,7 @@ from vla.contracts.action import ACTION_HIGH, ACTION_LOW, MAX_TRANSLATION
 
 OPEN, CLOSED = 1.0, 0.0
 HOVER = 0.10  # approach height above the table
+PUSH_LATERAL = 0.025  # m: the hand further than this across the push line has lost the cube
 TAKEOVER_GRASP = 0.015  # m: taking over with the grasp point this near where it would close, the expert closes
 
 
@@ -45,10 +46,14 @@ class ScriptedExpert:
         """Start from the current state: mid-episode (taking over from a learned policy) a cube
         already in the fingers is carried on with, a grasp in progress (both fingers on the cube, or
         the hand where the expert would close) is closed and lifted (opening there would demonstrate
-        letting go of a good grasp), anything else starts from the approach."""
+        letting go of a good grasp), a push in progress (the hand low behind the cube, on its line to
+        the goal) is pushed on (lifting there would demonstrate a detour from a state worth continuing
+        from), anything else starts from the approach."""
         self.phase, self.wait = 0, 0
         self.missed_at, self.miss = None, np.zeros(2)
         task = self.env.task
+        if isinstance(task, Push) and task.target is not None and self._pushing(task):
+            self.phase = 2
         if isinstance(task, Pick | Place) and task.target is not None:
             if self._holds(task.target):
                 self.phase = 3
@@ -200,16 +205,31 @@ class ScriptedExpert:
         self.wait += 1  # release, then back off upwards
         return self._move([box[0], box[1], 0.2 if self.wait > 3 else ee[2]], OPEN)
 
+    def _push_line(self, task: Push) -> tuple[np.ndarray, np.ndarray, float]:
+        """The push's direction (cube to goal, unit), and the hand's offset from the cube across
+        that line and along it (negative: behind the cube)."""
+        cube = self.env.scene.position(task.target)[:2]
+        to_goal = task.goal - cube
+        u = to_goal / max(np.linalg.norm(to_goal), 1e-9)
+        offset = self._pose()[0][:2] - cube
+        return u, offset - offset.dot(u) * u, float(offset.dot(u))
+
+    def _on_push_line(self, task: Push) -> bool:
+        """The hand behind the cube and on its line to the goal."""
+        _, lateral, along = self._push_line(task)
+        return np.linalg.norm(lateral) <= PUSH_LATERAL and along <= -0.01
+
+    def _pushing(self, task: Push) -> bool:
+        """A push in progress: the hand on the push line at the cube's height."""
+        return self._pose()[0][2] < 2 * CUBE_HALF and self._on_push_line(task)
+
     def _push(self, task: Push) -> np.ndarray:
         cube = self.env.scene.position(task.target)[:2]
         ee = self._pose()[0]
-        to_goal = task.goal - cube
-        if np.linalg.norm(to_goal) < 0.01:
+        if np.linalg.norm(task.goal - cube) < 0.01:
             return self._move(ee, CLOSED)
-        u = to_goal / np.linalg.norm(to_goal)
+        u, lateral, _ = self._push_line(task)
         behind = cube - u * (CUBE_HALF + 0.03)
-        offset = ee[:2] - cube
-        lateral = offset - offset.dot(u) * u
         if self.phase == 0:  # above the spot behind the cube
             target = [*behind, HOVER]
             if self._near(target, 0.015):
@@ -220,7 +240,7 @@ class ScriptedExpert:
             if self._near(target, 0.01):
                 self.phase = 2
             return self._move(target, CLOSED)
-        if np.linalg.norm(lateral) > 0.025 or offset.dot(u) > -0.01:
+        if not self._on_push_line(task):
             self.phase = 3  # off the line: go up and approach again
         if self.phase == 3:
             if ee[2] > HOVER - 0.02:

@@ -143,6 +143,25 @@ def test_an_expert_told_to_miss_closes_beside_the_cube_then_tries_again(task):
         ScriptedExpert(env, miss=-0.01)
 
 
+def test_an_expert_taking_over_mid_push_pushes_on_as_the_expert_pushing_would():
+    """A push in progress (the hand low behind the cube, on its line) is continued: going back up to
+    approach again would teach a detour from a state the policy should push on from."""
+    env = make_env("push")
+    obs, _ = env.reset(seed=1002)
+    first = load_policy("expert", env)
+    first.reset(obs["instruction"])
+    start = env.unwrapped.scene.position(env.unwrapped.task.target)[:2]
+    while np.linalg.norm(env.unwrapped.scene.position(env.unwrapped.task.target)[:2] - start) < 0.02:
+        obs, *_ = env.step(first.act(obs))  # until the cube has moved: mid-push
+    second = load_policy("expert", env)
+    second.reset(obs["instruction"])  # a fresh one, as after a learned policy's steps
+    assert second.phase == 2
+    for _ in range(3):
+        action = first.act(obs)
+        np.testing.assert_allclose(second.act(obs), action)
+        obs, *_ = env.step(action)
+
+
 def test_an_expert_taking_over_mid_place_carries_on_with_the_cube_it_finds_held():
     env = make_env("place")
     obs, _ = env.reset(seed=1001)

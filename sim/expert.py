@@ -214,21 +214,22 @@ class ScriptedExpert:
         offset = self._pose()[0][:2] - cube
         return u, offset - offset.dot(u) * u, float(offset.dot(u))
 
-    def _on_push_line(self, task: Push) -> bool:
-        """The hand behind the cube and on its line to the goal."""
-        _, lateral, along = self._push_line(task)
+    @staticmethod
+    def _on_push_line(lateral: np.ndarray, along: float) -> bool:
+        """The hand behind the cube and on its line to the goal (offsets from _push_line)."""
         return np.linalg.norm(lateral) <= PUSH_LATERAL and along <= -0.01
 
     def _pushing(self, task: Push) -> bool:
         """A push in progress: the hand on the push line at the cube's height."""
-        return self._pose()[0][2] < 2 * CUBE_HALF and self._on_push_line(task)
+        _, lateral, along = self._push_line(task)
+        return self._pose()[0][2] < 2 * CUBE_HALF and self._on_push_line(lateral, along)
 
     def _push(self, task: Push) -> np.ndarray:
         cube = self.env.scene.position(task.target)[:2]
         ee = self._pose()[0]
         if np.linalg.norm(task.goal - cube) < 0.01:
             return self._move(ee, CLOSED)
-        u, lateral, _ = self._push_line(task)
+        u, lateral, along = self._push_line(task)
         behind = cube - u * (CUBE_HALF + 0.03)
         if self.phase == 0:  # above the spot behind the cube
             target = [*behind, HOVER]
@@ -240,7 +241,7 @@ class ScriptedExpert:
             if self._near(target, 0.01):
                 self.phase = 2
             return self._move(target, CLOSED)
-        if not self._on_push_line(task):
+        if not self._on_push_line(lateral, along):
             self.phase = 3  # off the line: go up and approach again
         if self.phase == 3:
             if ee[2] > HOVER - 0.02:

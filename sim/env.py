@@ -85,7 +85,7 @@ class TabletopEnv(gym.Env):
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
         self.config, self.render_mode = config, render_mode
-        self.task = make_task(task)
+        self.task = make_task(task, config.push_tolerance)
         self.max_steps = config.max_steps or self.task.max_steps
         self.observation_space = observation_space(config.spec)
         self.action_space = gym.spaces.Box(ACTION_LOW, ACTION_HIGH, dtype=np.float32)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pybullet as p
 
+from sim.config import PUSH_TOLERANCE
 from sim.scene import (
     BIN_HEIGHT,
     BIN_INNER_HALF,
@@ -125,8 +126,11 @@ class Pick(Task):
 
 class Push(Task):
     name, max_steps = "push", 80
-    GOAL_TOLERANCE = 0.04
     stages = ("halfway",)  # the hand pushes without holding: contact comes and goes within a step
+
+    def __init__(self, tolerance: float = PUSH_TOLERANCE):
+        super().__init__()
+        self.tolerance = tolerance  # metres from the goal that count as there (SimConfig.push_tolerance)
 
     def build(self, scene, rng, colours, shades, twin=None):
         while True:
@@ -158,7 +162,7 @@ class Push(Task):
         p.createMultiBody(0, -1, vis, basePosition=(goal[0], goal[1], 0.0005), physicsClientId=scene.client)
 
     def success(self, scene, ee_position, gripper_body):
-        return bool(np.linalg.norm(scene.position(self.target)[:2] - self.goal) < self.GOAL_TOLERANCE)
+        return bool(np.linalg.norm(scene.position(self.target)[:2] - self.goal) < self.tolerance)
 
     def reached_stages(self, scene, ee_position, gripper_body):
         """"halfway": the target at most half the push distance from its goal."""
@@ -200,7 +204,7 @@ class Place(Task):
 TASKS: dict[str, type[Task]] = {t.name: t for t in (Reach, Pick, Push, Place)}
 
 
-def make_task(name: str) -> Task:
+def make_task(name: str, push_tolerance: float = PUSH_TOLERANCE) -> Task:
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
-    return TASKS[name]()
+    return Push(push_tolerance) if name == "push" else TASKS[name]()

@@ -164,3 +164,13 @@ def test_missed_grasps_record_retries_that_train_from_the_miss(tmp_path, capsys)
     assert vla(command) == 0 and "already recorded" in capsys.readouterr().out  # resumes the same draws
     assert vla(command[:-2]) == 2 and "miss" in capsys.readouterr().err  # recorded with misses
     assert vla([*command[:-1], "1.5"]) == 2 and "--missed-grasps" in capsys.readouterr().err
+
+
+def test_push_tolerance_is_recorded_and_resuming_with_another_is_refused(tmp_path, capsys):
+    data = tmp_path / "pushes"
+    command = ["collect", "--task", "push", "--episodes", "1", "--out", str(data), "--push-tolerance", "0.02"]
+    assert vla(command) == 0
+    (episode,) = _listed(data)
+    assert episode["success"] and episode["sim_config"]["push_tolerance"] == 0.02
+    assert vla(command[:-2]) == 2 and "sim_config" in capsys.readouterr().err  # the default, 0.04: not these
+    assert vla([*command[:-1], "0.5"]) == 2 and "push_tolerance" in capsys.readouterr().err

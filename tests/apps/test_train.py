@@ -199,6 +199,8 @@ def test_overrides_and_config_errors(tmp_path):
         load_config("policies/configs/quickstart-cpu.yaml", ["data.collect.randomize=wind"])
     with pytest.raises(ConfigError, match=r"data\.collect\.missed_grasps must be in \[0, 1\]"):
         load_config("policies/configs/quickstart-cpu.yaml", ["data.collect.missed_grasps=2"])
+    with pytest.raises(ConfigError, match=r"data\.collect\.push_tolerance must be in \(0, 0\.06\]"):
+        load_config("policies/configs/quickstart-cpu.yaml", ["data.collect.push_tolerance=0"])
     with pytest.raises(ConfigError, match="execution"):
         load_config("policies/configs/quickstart-cpu.yaml", ["model.execution=sometimes"])
     with pytest.raises(ConfigError, match="precision must be auto, bf16 or fp32"):

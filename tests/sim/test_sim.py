@@ -87,6 +87,26 @@ def test_expert_solves_task_through_every_stage(task):
     assert successes >= 3
 
 
+def test_a_tighter_push_tolerance_has_the_expert_push_on_into_the_ring():
+    """Demonstrations recorded with less than the 4 cm evaluation keeps end with the cube nearer its goal."""
+    ends = {}
+    for tolerance in (0.04, 0.02):
+        env = make_env("push", push_tolerance=tolerance)
+        expert = load_policy("expert", env)
+        for seed in range(2000, 2003):
+            obs, _ = env.reset(seed=seed)
+            expert.reset(obs["instruction"])
+            steps, done = 0, False
+            while not done:
+                obs, _, terminated, truncated, info = env.step(expert.act(obs))
+                steps, done = steps + 1, terminated or truncated
+            assert info["success"]
+            ends[tolerance, seed] = steps, np.linalg.norm(env.scene.position(env.task.target)[:2] - env.task.goal)
+    for seed in range(2000, 2003):
+        (steps, far), (more_steps, near) = ends[0.04, seed], ends[0.02, seed]
+        assert near < 0.02 <= far < 0.04 and more_steps > steps
+
+
 def test_the_wrist_camera_sees_the_cube_between_the_fingers_at_the_grasp():
     """When the expert's fingers close, the target's colour fills a good share of the wrist picture,
     centred left to right (a camera at the fingertips clipped the table and saw white there)."""
@@ -269,6 +289,8 @@ def test_state_is_forward_kinematics_of_joint_positions():
     (dict(image_size=0), "image_size"),
     (dict(colours=("red", "green", "mauve")), "unknown colour"),
     (dict(control_hz=7), "control_hz"),
+    (dict(push_tolerance=0.0), "push_tolerance"),
+    (dict(push_tolerance=float("nan")), "push_tolerance"),
 ])
 def test_bad_configuration_fails_clearly(kwargs, message):
     task = kwargs.pop("task", "reach")

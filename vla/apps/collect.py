@@ -69,6 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--missed-grasps", type=float, default=0.0, metavar="SHARE",
                         help="share of pick and place episodes whose first grasp the expert closes beside "
                              "the cube, then retries; they are trained on from the miss on")
+    parser.add_argument("--push-tolerance", type=float, default=SimConfig.push_tolerance, metavar="METRES",
+                        help="a push's success radius around its goal: with less the expert pushes on into "
+                             "the ring before the episode ends (evaluation keeps the default)")
     add_randomize_argument(parser)
 
 
@@ -76,7 +79,7 @@ def run(args) -> int:
     if args.episodes <= 0 or args.workers <= 0:
         raise ValueError("--episodes and --workers must be positive")
     config = SimConfig(image_size=args.image_size, wrist_camera=args.wrist_camera, max_steps=args.max_steps,
-                       **randomize_settings(args))
+                       push_tolerance=args.push_tolerance, **randomize_settings(args))
     start = time.perf_counter()
     infos = record_dataset(args.out, parse_tasks(args.task), args.episodes, args.policy, config, args.seed, args.append,
                            args.workers, expert_takeover=args.expert_takeover, missed_grasps=args.missed_grasps)

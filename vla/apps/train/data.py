@@ -12,7 +12,6 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from sim import SimConfig, language
-from sim.config import randomization
 from vla.apps.collect import record_dataset
 from vla.apps.rollout import CORRECTIONS_SEED_OFFSET
 from vla.apps.train.recipe import DataConfig, TrainConfig
@@ -29,7 +28,7 @@ def ensure_dataset(config: TrainConfig) -> Path:
     is missing of it (nothing when complete; an interrupted recording resumes)."""
     data, path = config.data, Path(config.data.dataset)
     if data.collect.episodes > 0:
-        sim = SimConfig.for_spec(config.model.spec, **randomization(data.collect.randomize))
+        sim = SimConfig.for_spec(config.model.spec, **data.collect.sim_settings())
         record_dataset(path, list(data.tasks), data.collect.episodes, "expert", sim, workers=data.collect.workers,
                        missed_grasps=data.collect.missed_grasps)
     elif not path.exists():
@@ -42,7 +41,7 @@ def ensure_corrections(config: TrainConfig, init: Path | None) -> None:
     (what is missing of them), from their own seeds (vla.apps.rollout.CORRECTIONS_SEED_OFFSET)."""
     corrections = config.data.corrections
     if corrections.episodes:
-        sim = SimConfig.for_spec(config.model.spec, **randomization(config.data.collect.randomize))
+        sim = SimConfig.for_spec(config.model.spec, **config.data.collect.sim_settings())
         policy = corrections.policy or str(init)
         record_dataset(corrections_dir(config), list(corrections.takeover), corrections.episodes, policy, sim,
                        seed=CORRECTIONS_SEED_OFFSET, workers=corrections.workers,

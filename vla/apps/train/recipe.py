@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sim import TASKS
-from sim.config import randomization
+from sim.config import MAX_PUSH_TOLERANCE, PUSH_TOLERANCE, randomization
 from vla.config import apply_overrides, from_dict, read_yaml, to_dict
 from vla.model.checkpoint import read_meta
 from vla.model.config import ModelConfig
@@ -21,6 +21,9 @@ class CollectConfig:
     # share of pick and place demonstrations whose first grasp closes beside the cube, then retries
     # (trained on from the miss on: how to notice a missed grasp and try again)
     missed_grasps: float = 0.0
+    # a push's success radius while recording (SimConfig.push_tolerance): with less than the 4 cm that
+    # evaluation keeps, push demonstrations (and corrections) go on into the ring
+    push_tolerance: float = PUSH_TOLERANCE
 
     def __post_init__(self):
         try:
@@ -29,6 +32,13 @@ class CollectConfig:
             raise ValueError(f"data.collect.randomize: {exc}") from None
         if not 0 <= self.missed_grasps <= 1:
             raise ValueError(f"data.collect.missed_grasps must be in [0, 1], got {self.missed_grasps!r}")
+        if not 0 < self.push_tolerance <= MAX_PUSH_TOLERANCE:
+            raise ValueError(f"data.collect.push_tolerance must be in (0, {MAX_PUSH_TOLERANCE}] metres, "
+                             f"got {self.push_tolerance!r}")
+
+    def sim_settings(self) -> dict:
+        """The SimConfig settings episodes are recorded with (besides the model's observation spec)."""
+        return randomization(self.randomize) | {"push_tolerance": self.push_tolerance}
 
 
 @dataclass

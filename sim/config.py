@@ -58,8 +58,8 @@ class SimConfig:
     colours: tuple[str, ...] = tuple(COLOURS)
     max_steps: int = 0  # 0: the task's own limit
     # A push's success radius around its goal. Evaluation keeps PUSH_TOLERANCE; demonstrations recorded
-    # with less push on into the ring instead of stopping at its edge (a policy trained on them stops
-    # short less often: docs/all-tasks-cpu.md).
+    # with less push on into the ring instead of stopping at its edge (2 cm: fewer near misses, no more
+    # successes in one run; docs/all-tasks-cpu.md).
     push_tolerance: float = PUSH_TOLERANCE
     # Which phrasings instructions are drawn from (sim.language): "train" for data and training,
     # "heldout" for evaluating how a policy follows requests put in ways it was never trained on.

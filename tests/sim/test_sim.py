@@ -2,6 +2,7 @@
 
 import gymnasium as gym
 import numpy as np
+import pybullet as p
 import pytest
 
 from policies import load_policy
@@ -9,7 +10,7 @@ from sim import ENV_IDS, TASKS, SimConfig, make_env
 from sim.expert import ScriptedExpert
 from sim.scene import COLOURS
 from vla.contracts import MAX_TRANSLATION, STATE_DIM, state_from_joints
-from vla.contracts.action import CLOSING
+from vla.contracts.action import CLOSING, WORKSPACE_LOW
 
 ROLLOUT = """
 import hashlib, numpy as np
@@ -271,6 +272,18 @@ def test_action_limits_are_enforced():
     assert info["action"][0] == MAX_TRANSLATION  # what the robot executed
     moved = obs["state"][8] - before[0]
     assert 0.6 * MAX_TRANSLATION < moved < MAX_TRANSLATION + 0.005
+
+
+@pytest.mark.parametrize("opening", [0.0, 1.0])
+def test_the_workspace_floor_keeps_the_fingertips_off_the_table(opening):
+    env = make_env("reach")
+    obs, _ = env.reset(seed=2)
+    for _ in range(12):
+        obs, *_ = env.step(np.array([0, 0, -MAX_TRANSLATION, 0, 0, 0, opening], dtype=np.float32))
+    assert obs["state"][10] >= WORKSPACE_LOW[2] - 0.002
+    contacts = p.getContactPoints(bodyA=env.robot.body, physicsClientId=env.scene.client)
+    on_table = [c for c in contacts if c[5][2] < 0.002]  # c[5]: the contact's position on the robot
+    assert not on_table
 
 
 def test_state_is_forward_kinematics_of_joint_positions():

@@ -13,8 +13,11 @@ MAX_TRANSLATION = 0.05  # m per control step
 MAX_ROTATION = 0.3  # rad per control step
 ACTION_LOW = np.array([-MAX_TRANSLATION] * 3 + [-MAX_ROTATION] * 3 + [0.0], dtype=np.float32)
 ACTION_HIGH = np.array([MAX_TRANSLATION] * 3 + [MAX_ROTATION] * 3 + [1.0], dtype=np.float32)
-# The end effector is kept inside this box (base frame, metres) whatever the commands.
-WORKSPACE_LOW = np.array([0.15, -0.45, 0.005])
+# The end effector is kept inside this box (base frame, metres) whatever the commands. The floor
+# keeps the fingertips (~7 mm below the grasp point) off the table: at 5 mm they pressed into it with
+# ~50 N each, and a policy that came down too far stalled there (36 of the default's 37 failed pushes
+# on 150 validation seeds). No expert command goes lower (its grasp point stops at 12 mm).
+WORKSPACE_LOW = np.array([0.15, -0.45, 0.012])
 WORKSPACE_HIGH = np.array([0.85, 0.45, 0.55])
 
 

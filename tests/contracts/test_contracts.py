@@ -3,7 +3,8 @@ kinematics; and that importing them costs no simulator, torch or ROS."""
 import numpy as np
 import pytest
 
-from vla.contracts import ACTION_HIGH, ACTION_LOW, ObservationSpec, clip_action, state_from_joints
+from vla.contracts import ACTION_HIGH, ACTION_LOW, MAX_TRANSLATION, ObservationSpec, clip_action, state_from_joints
+from vla.contracts.action import WORKSPACE_LOW, keep_in_workspace
 from vla.contracts.observation import IMU_LIMITS, checked_reading
 from vla.contracts.topics import EPOCH_NS, imu_stamps, step_stamp
 
@@ -16,6 +17,18 @@ def test_actions_are_clipped_to_the_limits():
         clip_action([0, 0, np.nan, 0, 0, 0, 1])
     with pytest.raises(ValueError, match="shape"):
         clip_action([0, 0, 0])
+
+
+def test_the_hand_moves_no_further_out_of_the_workspace():
+    down = np.array([0, 0, -MAX_TRANSLATION, 0, 0, 0, 1], dtype=np.float32)
+    near_floor = np.array([0.5, 0.0, WORKSPACE_LOW[2] + 0.01])
+    assert np.isclose(keep_in_workspace(down, near_floor)[2], -0.01)  # down to the floor, no lower
+    assert np.array_equal(keep_in_workspace(-down, near_floor), -down)  # up, as commanded
+    below = np.array([0.5, 0.0, WORKSPACE_LOW[2] - 0.01])
+    assert keep_in_workspace(down, below)[2] == 0 and keep_in_workspace(-down, below)[2] == MAX_TRANSLATION
+    above_and_behind = np.array([0.08, 0.0, 0.9])  # a Panda at zero joints
+    cut = keep_in_workspace(np.array([-0.05, 0.05, 0.05, 0.1, 0, 0, 0.3]), above_and_behind)
+    assert np.allclose(cut, [0, 0.05, 0, 0.1, 0, 0, 0.3])  # back in, sideways inside: allowed
 
 
 def test_readings_must_be_finite_and_plausible():

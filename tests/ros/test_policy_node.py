@@ -93,6 +93,16 @@ def test_stamps_far_from_the_node_clock_are_invalid(ros, policy_with_robot):
     assert ros.log("policy_node").count("ms ahead of this node's clock") == 1, "the reason is logged once"
 
 
+def test_the_hand_is_never_commanded_further_out_of_the_workspace(ros, policy_with_robot):
+    """The fake robot's arm stands at zero joints: its hand above and behind the workspace box. The
+    random policy asks for every direction; only those back into the box (or along it) go out."""
+    _, twists, _ = policy_with_robot
+    ros.spin_for(1.0)
+    commands = [t.twist.linear for _, t in twists[-8:]]
+    assert commands and all(v.z <= 0 and v.x >= 0 for v in commands), [(v.x, v.z) for v in commands]
+    assert any(v.z < 0 or v.x > 0 for v in commands), "every command cut to zero"
+
+
 def test_an_empty_instruction_holds(ros, policy_with_robot):
     robot, twists, reasons = policy_with_robot
     for text in ("", " \t\n"):

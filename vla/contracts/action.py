@@ -30,3 +30,15 @@ def clip_action(action) -> np.ndarray:
     if not np.all(np.isfinite(a)):
         raise ValueError(f"action contains NaN or inf: {a.tolist()}")
     return np.clip(a, ACTION_LOW, ACTION_HIGH)
+
+
+def keep_in_workspace(action: np.ndarray, ee_position) -> np.ndarray:
+    """`action` with its translation cut so that the hand at `ee_position` (base frame) moves no
+    further out of the workspace box: from inside it stays inside; from outside (a robot started
+    there) it may only come back, never pulled in by a jump. What policy_node commands a real robot,
+    whose driver knows no box (the simulator clips its own target into the box: the same inside)."""
+    a = np.array(action, dtype=np.float32)
+    ee = np.asarray(ee_position, dtype=np.float64)
+    low, high = np.minimum(WORKSPACE_LOW - ee, 0.0), np.maximum(WORKSPACE_HIGH - ee, 0.0)
+    a[:3] = np.clip(a[:3], low, high)
+    return a

@@ -5,7 +5,8 @@ configure loads the policy, activate starts control, deactivate stops it with a 
 CompressedImage on `<camera_topic>/compressed` with image_transport: compressed), the wrist camera
 likewise if the model takes one, /joint_states, /imu/data, /vla/instruction (every message starts a
 new episode: policy.reset). Out: /vla/action
-(the clamped 7-D action), /vla/gripper, /vla/cmd_twist (stamped with the camera frame the command was
+(the 7-D action inside the limits, its translation cut so that the hand moves no further out of
+the workspace box, vla.contracts.action), /vla/gripper, /vla/cmd_twist (stamped with the camera frame the command was
 computed from, so commands can be matched to observations and latency measured), /diagnostics.
 ~/enable (std_srvs/SetBool) is the e-stop. Whenever an input is missing, stale or invalid, or the
 node is disabled, it holds: zero twist and the last gripper command, every control period.
@@ -31,7 +32,8 @@ from std_srvs.srv import SetBool
 
 from policies import CHECKPOINT_DIR, load_policy
 from policies.gripper import GripperLatch
-from vla.contracts.action import clip_action
+from vla.contracts.action import clip_action, keep_in_workspace
+from vla.contracts.observation import STATE_SLICES
 from vla.contracts.topics import BASE_FRAME, TOPICS
 from vla_ros import params, qos
 from vla_ros.chunks import ActionChunks, InferenceThread, Job
@@ -390,7 +392,10 @@ class PolicyNode(LifecycleNode):
         self.command(action, camera_stamp)
 
     def command(self, action: np.ndarray, stamp: int) -> None:
-        """Publish an action computed from the observation stamped `stamp`."""
+        """Publish an action computed from the observation stamped `stamp`, cut so that the hand, where
+        the newest joint states put it, moves no further out of the workspace (the fingertips stay
+        off the table)."""
+        action = keep_in_workspace(action, self.inputs.values["joint_states"][STATE_SLICES["ee_position"]])
         raw, gripper, twist = action_messages(action, self.cfg.action_rate_hz, stamp, self.cfg.frame_id)
         # Gripper before twist: a lockstep simulator applies the twist with the newest gripper command.
         self.action_pub.publish(raw)

@@ -4,10 +4,10 @@ configure loads the policy, activate starts control, deactivate stops it with a 
 (`autostart` chooses where it gets at start). In: the camera (sensor_msgs/Image, or
 CompressedImage on `<camera_topic>/compressed` with image_transport: compressed), the wrist camera
 likewise if the model takes one, /joint_states, /imu/data, /vla/instruction (every message starts a
-new episode: policy.reset). Out: /vla/action
-(the 7-D action inside the limits, its translation cut so that the hand moves no further out of
-the workspace box, vla.contracts.action), /vla/gripper, /vla/cmd_twist (stamped with the camera frame the command was
-computed from, so commands can be matched to observations and latency measured), /diagnostics.
+new episode: policy.reset). Out: /vla/action (the 7-D action inside the limits, its translation cut
+so that the hand moves no further out of the workspace box: vla.contracts.action), /vla/gripper,
+/vla/cmd_twist (stamped with the camera frame the command was computed from, so commands can be
+matched to observations and latency measured), /diagnostics.
 ~/enable (std_srvs/SetBool) is the e-stop. Whenever an input is missing, stale or invalid, or the
 node is disabled, it holds: zero twist and the last gripper command, every control period.
 

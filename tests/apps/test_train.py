@@ -25,12 +25,13 @@ from sim import language
 from sim.config import DISTURBANCE
 from vla.apps.replay import replay
 from vla.apps.train import loop
-from vla.apps.train.data import BatchSchedule, noisy_instruction, open_dataset, random_shift, rephrased
+from vla.apps.train.data import BatchSchedule, ensure_dataset, noisy_instruction, open_dataset, random_shift, rephrased
 from vla.apps.train.loop import TrainingError, busy_warning, other_busy_cores, train, weight_average
 from vla.apps.train.recipe import TrainConfig, load_config
 from vla.cli import main as vla_main
 from vla.config import ConfigError
 from vla.contracts import ACTION_HIGH, ACTION_LOW
+from vla.data.dataset import load_manifest
 from vla.data.index import EpisodeIndex
 from vla.data.reader import read_episode
 from vla.model import ModelConfig, create
@@ -197,6 +198,8 @@ def test_overrides_and_config_errors(tmp_path):
         load_config("policies/configs/quickstart-cpu.yaml", ["data.unknown_verb=-0.1"])
     with pytest.raises(ConfigError, match=r"data\.collect\.randomize: unknown randomisation 'wind'"):
         load_config("policies/configs/quickstart-cpu.yaml", ["data.collect.randomize=wind"])
+    with pytest.raises(ConfigError, match=r"data\.collect\.randomize_tasks must name tasks"):
+        load_config("policies/configs/quickstart-cpu.yaml", ["data.collect.randomize_tasks=[fly]"])
     with pytest.raises(ConfigError, match=r"data\.collect\.missed_grasps must be in \[0, 1\]"):
         load_config("policies/configs/quickstart-cpu.yaml", ["data.collect.missed_grasps=2"])
     with pytest.raises(ConfigError, match=r"data\.collect\.push_tolerance must be in \(0, 0\.06\]"):
@@ -328,6 +331,20 @@ def test_vla_train_records_the_dataset_then_trains_and_evaluates(tmp_path):
     _, processor = load_checkpoint(tmp_path / "run" / "final")
     assert processor.stats["state"]["std"] != [0.0] * 15  # statistics come from the recorded data
     assert vla_main(["train", "--config", str(path), "--no-progress", "--override", "optim.batch_size=0"]) == 2
+
+
+def test_randomize_tasks_records_only_those_tasks_randomized(tmp_path):
+    """data.collect.randomize_tasks: pushes recorded with pushes on the hand, reaches without, in one
+    dataset that a rerun finds complete."""
+    overrides = [f"data.dataset={tmp_path / 'data'}", "data.tasks=[reach,push]", "data.collect.episodes=1",
+                 "data.collect.workers=1", "data.collect.randomize=disturbance", "data.collect.randomize_tasks=[push]"]
+    config = load_config("policies/configs/quickstart-cpu.yaml", overrides)
+    ensure_dataset(config)
+    recorded = {e["task"]: e["sim_config"]["disturbance"] for e in load_manifest(tmp_path / "data")}
+    assert recorded == {"reach": 0.0, "push": DISTURBANCE}
+    ensure_dataset(config)  # the same settings per task: nothing to record, nothing refused
+    with pytest.raises(ValueError, match="sim_config"):
+        ensure_dataset(load_config("policies/configs/quickstart-cpu.yaml", overrides[:-1]))
 
 
 def test_a_recipe_from_init_trains_that_recipe_first_then_on_its_corrections(tmp_path, capsys):

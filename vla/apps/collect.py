@@ -92,11 +92,12 @@ def run(args) -> int:
     return 0
 
 
-def record_dataset(out: str | Path, tasks: list[str], episodes: int, policy: str, config: SimConfig, seed: int = 0,
-                   append: bool = False, workers: int = 1, log=print, expert_takeover: int | dict | None = None,
-                   missed_grasps: float = 0.0) -> list[dict]:
+def record_dataset(out: str | Path, tasks: list[str], episodes: int, policy: str, config: SimConfig | dict,
+                   seed: int = 0, append: bool = False, workers: int = 1, log=print,
+                   expert_takeover: int | dict | None = None, missed_grasps: float = 0.0) -> list[dict]:
     """Record `episodes` per task into the dataset `out` (created), or what an interrupted recording
     left missing of them (with `append`: that many more). -> the new episodes' metadata.
+    `config` is the SimConfig of every episode, or a task -> SimConfig mapping.
     With `expert_takeover` N (or a task -> N mapping), the checkpoint `policy` drives 0..N steps, then
     the scripted expert. With `missed_grasps`, that share of pick and place episodes starts with a
     missed grasp."""
@@ -134,18 +135,20 @@ def _with_defaults(sim_config):
         return sim_config  # not a valid SimConfig: it differs from ours
 
 
-def plan(dataset: DatasetWriter, tasks: list[str], episodes: int, policy: str, config: SimConfig, seed: int,
+def plan(dataset: DatasetWriter, tasks: list[str], episodes: int, policy: str, config: SimConfig | dict, seed: int,
          append: bool, expert_takeover: int | dict | None = None, missed_grasps: float = 0.0) -> list[Job]:
     """The episodes still to record: ids 0.. (or after the last with append), `episodes` per task."""
     done = {e["episode"]: e for e in dataset.episodes}
     first = max(done, default=-1) + 1 if append else 0
-    sim_config, found = _as_stored(config), versions()
+    stored = {task: _as_stored(config[task] if isinstance(config, dict) else config) for task in tasks}
+    found = versions()
     jobs = []
     for i in range(len(tasks) * episodes):
         episode, task = first + i, tasks[i // episodes]
         most = expert_takeover[task] if isinstance(expert_takeover, dict) else expert_takeover
         expert_from = None if most is None else _takeover_step(seed + episode, most)
         miss = _miss_distance(seed + episode, missed_grasps) if task in ("pick", "place") else 0.0
+        sim_config = stored[task]
         if episode in done:
             _check_same_collection(dataset.root, done[episode], task, policy, sim_config, seed + episode, expert_from,
                                    miss)

@@ -28,9 +28,8 @@ def ensure_dataset(config: TrainConfig) -> Path:
     is missing of it (nothing when complete; an interrupted recording resumes)."""
     data, path = config.data, Path(config.data.dataset)
     if data.collect.episodes > 0:
-        sim = SimConfig.for_spec(config.model.spec, **data.collect.sim_settings())
-        record_dataset(path, list(data.tasks), data.collect.episodes, "expert", sim, workers=data.collect.workers,
-                       missed_grasps=data.collect.missed_grasps)
+        record_dataset(path, list(data.tasks), data.collect.episodes, "expert", _collect_sims(config, data.tasks),
+                       workers=data.collect.workers, missed_grasps=data.collect.missed_grasps)
     elif not path.exists():
         raise FileNotFoundError(f"dataset {path} not found: record it with `vla collect` or set data.collect.episodes")
     return path
@@ -41,11 +40,15 @@ def ensure_corrections(config: TrainConfig, init: Path | None) -> None:
     (what is missing of them), from their own seeds (vla.apps.rollout.CORRECTIONS_SEED_OFFSET)."""
     corrections = config.data.corrections
     if corrections.episodes:
-        sim = SimConfig.for_spec(config.model.spec, **config.data.collect.sim_settings())
         policy = corrections.policy or str(init)
-        record_dataset(corrections_dir(config), list(corrections.takeover), corrections.episodes, policy, sim,
-                       seed=CORRECTIONS_SEED_OFFSET, workers=corrections.workers,
-                       expert_takeover=corrections.takeover)
+        record_dataset(corrections_dir(config), list(corrections.takeover), corrections.episodes, policy,
+                       _collect_sims(config, corrections.takeover), seed=CORRECTIONS_SEED_OFFSET,
+                       workers=corrections.workers, expert_takeover=corrections.takeover)
+
+
+def _collect_sims(config: TrainConfig, tasks) -> dict[str, SimConfig]:
+    """Per task, the SimConfig its episodes are recorded with."""
+    return {task: SimConfig.for_spec(config.model.spec, **config.data.collect.sim_settings(task)) for task in tasks}
 
 
 def corrections_dir(config: TrainConfig) -> Path:

@@ -18,6 +18,9 @@ class CollectConfig:
     # domain randomisation of the recorded episodes (sim.config.randomization names), e.g.
     # "disturbance" for demonstrations with the expert's corrections
     randomize: str = ""
+    # the tasks whose demonstrations get `randomize` (empty: every task), e.g. [push] for pushes shown
+    # with recoveries while the other tasks keep their clean demonstrations
+    randomize_tasks: tuple[str, ...] = ()
     # share of pick and place demonstrations whose first grasp closes beside the cube, then retries
     # (trained on from the miss on: how to notice a missed grasp and try again)
     missed_grasps: float = 0.0
@@ -30,15 +33,19 @@ class CollectConfig:
             randomization(self.randomize)
         except ValueError as exc:
             raise ValueError(f"data.collect.randomize: {exc}") from None
+        if not set(self.randomize_tasks) <= set(TASKS):
+            raise ValueError(f"data.collect.randomize_tasks must name tasks ({sorted(TASKS)}), "
+                             f"got {list(self.randomize_tasks)!r}")
         if not 0 <= self.missed_grasps <= 1:
             raise ValueError(f"data.collect.missed_grasps must be in [0, 1], got {self.missed_grasps!r}")
         if not 0 < self.push_tolerance <= MAX_PUSH_TOLERANCE:
             raise ValueError(f"data.collect.push_tolerance must be in (0, {MAX_PUSH_TOLERANCE}] metres, "
                              f"got {self.push_tolerance!r}")
 
-    def sim_settings(self) -> dict:
-        """The SimConfig settings episodes are recorded with (besides the model's observation spec)."""
-        return randomization(self.randomize) | {"push_tolerance": self.push_tolerance}
+    def sim_settings(self, task: str) -> dict:
+        """The SimConfig settings `task`'s episodes are recorded with (besides the model's observation spec)."""
+        randomized = not self.randomize_tasks or task in self.randomize_tasks
+        return (randomization(self.randomize) if randomized else {}) | {"push_tolerance": self.push_tolerance}
 
 
 @dataclass

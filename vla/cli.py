@@ -21,7 +21,8 @@ COMMANDS = {
     "train": ("vla.apps.train", "train a VLA policy from a YAML recipe"),
     "curve": ("vla.apps.curve", "redraw a training run's learning curve (success per task against the step)"),
     "eval": ("vla.apps.evaluate", "closed-loop evaluation of a checkpoint on held-out seeds"),
-    "export": ("vla.apps.export", "export a checkpoint to ONNX and validate it"),
+    "ensemble": ("vla.apps.ensemble", "bundle trained checkpoints into one whose action chunks are their mean"),
+    "export": ("vla.apps.export", "export a checkpoint (each member of an ensemble) to ONNX and validate it"),
 }
 
 

@@ -213,8 +213,8 @@ def test_overrides_and_config_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"need a checkpoint to drive them: set data\.corrections\.policy or init"):
         load_config("policies/configs/quickstart-cpu.yaml", ["data.corrections={episodes: 2, takeover: {reach: 5}}"])
     with pytest.raises(ConfigError, match=r"takeover names tasks outside data\.tasks"):
-        load_config("policies/configs/quickstart-cpu.yaml",
-                    ["init=policies/checkpoints/default", "data.corrections={episodes: 2, takeover: {pick: 5}}"])
+        load_config("policies/configs/quickstart-cpu.yaml", ["init=policies/checkpoints/default/member_0",
+                                                             "data.corrections={episodes: 2, takeover: {pick: 5}}"])
     with pytest.raises(ConfigError, match="must map tasks"):
         load_config("policies/configs/quickstart-cpu.yaml", ["data.corrections.takeover={reach: -1}"])
     (tmp_path / "init.yaml").write_text(f"init: {tmp_path / 'nothing'}\n")

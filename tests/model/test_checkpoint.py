@@ -12,8 +12,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from policies import CHECKPOINT_DIR
+from vla.cli import main as vla
 from vla.model import ModelConfig, create
-from vla.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from vla.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_ensemble, trained_tasks
 from vla.model.text import build_tokenizer
 from vla.model.vlm import BackboneError
 from vla.runtime import load_runtime, torch_runtime
@@ -210,6 +211,35 @@ def test_the_reach_checkpoint_shipped_before_the_four_task_default_still_acts(ob
     actions = {backend: load_runtime(old, backend, "cpu", threads=1).predict(obs) for backend in ("torch", "onnx")}
     assert actions["torch"].shape == (4, 4, 7) and np.all(np.isfinite(actions["torch"]))
     np.testing.assert_array_equal(actions["torch"], actions["onnx"])
+
+
+def test_an_ensemble_acts_as_the_mean_of_its_members_and_exports_each(saved, tiny_model, tmp_path, observations,
+                                                                      capsys):
+    other_model, other_processor = tiny_model(decoders=("parallel",))
+    with torch.no_grad():  # the same seed built it: another run's weights
+        for parameter in other_model.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    other = save_checkpoint(tmp_path / "other", other_model.eval(), other_processor)
+    ensemble = save_ensemble(tmp_path / "ensemble", [saved[2], other])
+    obs = observations(3)
+    members = [load_runtime(path, device="cpu").predict(obs) for path in (saved[2], other)]
+    runtime = load_runtime(ensemble, device="cpu")
+    np.testing.assert_allclose(runtime.predict(obs), np.mean(members, axis=0), rtol=0, atol=1e-6)
+    assert not np.allclose(members[0], members[1])  # the mean is not one member's
+    assert runtime.chunk == saved[0].config.chunk and trained_tasks(ensemble) == ["reach"]
+    assert vla(["export", "--checkpoint", str(ensemble), "--samples", "2"]) == 0
+    assert (ensemble / "member_0" / "model.onnx").is_file() and (ensemble / "member_1" / "model.onnx").is_file()
+    onnx = load_runtime(ensemble, backend="onnx", device="cpu")
+    assert onnx.name.startswith("ensemble of 2, onnxruntime") and onnx.predict(obs).shape == members[0].shape
+
+    longer, longer_processor = tiny_model(chunk=3)
+    with pytest.raises(CheckpointError, match="must agree"):
+        save_ensemble(tmp_path / "mixed", [saved[2], save_checkpoint(tmp_path / "longer", longer, longer_processor)])
+    (ensemble / "ensemble.json").write_text('{"format": "vla-ensemble", "members": ["../other"]}')
+    with pytest.raises(CheckpointError, match="not a VLA ensemble"):
+        load_runtime(ensemble, device="cpu")
+    assert vla(["ensemble", "--out", str(tmp_path / "one"), str(other)]) == 2
+    assert "2-8 checkpoints" in capsys.readouterr().err
 
 
 def test_not_a_directory(tmp_path):

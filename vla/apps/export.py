@@ -1,6 +1,6 @@
 """`vla export --checkpoint DIR [--onnx OUT.onnx]`: write the checkpoint's parallel decoder as ONNX,
 validated against PyTorch on observations from a dataset or from scripted-expert episodes in sim
-(vla.runtime.export)."""
+(vla.runtime.export); an ensemble's members each into their own directory."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +12,7 @@ from sim import SimConfig, make_env
 from sim.expert import ScriptedExpert
 from vla.contracts.observation import ObservationSpec
 from vla.data.index import EpisodeIndex
-from vla.model.checkpoint import load_checkpoint, trained_tasks
+from vla.model.checkpoint import ensemble_members, load_checkpoint, trained_tasks
 from vla.runtime.export import export_onnx
 
 VALIDATION_SEED = 2_000_000  # outside training (from 0) and evaluation (vla.apps.rollout.EVAL_SEED_OFFSET)
@@ -48,14 +48,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    out = Path(args.onnx or Path(args.checkpoint) / "model.onnx")
-    model, processor = load_checkpoint(args.checkpoint, "cpu")
+    members = ensemble_members(args.checkpoint)
+    if members and args.onnx:
+        raise ValueError(f"{args.checkpoint} is an ensemble: each member's ONNX goes into its own directory, "
+                         "drop --onnx")
+    for checkpoint in members or [args.checkpoint]:
+        export(checkpoint, args)
+    return 0
+
+
+def export(checkpoint: str | Path, args) -> None:
+    out = Path(args.onnx or Path(checkpoint) / "model.onnx")
+    model, processor = load_checkpoint(checkpoint, "cpu")
     spec = model.config.spec
     if args.data:
         observations = dataset_observations(args.data, spec, args.samples)
     else:
-        observations = sim_observations(spec, trained_tasks(args.checkpoint), args.samples)
-    report = export_onnx(model, processor, args.checkpoint, out, observations, args.atol)
+        observations = sim_observations(spec, trained_tasks(checkpoint), args.samples)
+    report = export_onnx(model, processor, checkpoint, out, observations, args.atol)
     print(f"wrote {out} ({report['bytes'] / 1e6:.1f} MB); validated on {report['samples']} observations: "
           f"{report['bins_disagreeing']} bins disagree, max logit error {report['max_abs_logit_error']:.2e}")
-    return 0

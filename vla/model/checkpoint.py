@@ -8,6 +8,9 @@
     model.safetensors  all weights (safetensors: loading never unpickles code)
     tokenizer.json     the text tokenizer (+ tokenizer_config.json), PreTrainedTokenizerFast
 
+An ensemble is a directory of such checkpoints (member_0, member_1, ...) and ensemble.json naming them;
+vla.runtime averages their action chunks.
+
 The checkpoint is self-contained: a pretrained backbone is rebuilt from the saved transformers
 configs, not from its original directory. A checkpoint directory appears only once complete. Loading checks
 every file (the config's types and bounds, the statistics, the weights' and tokenizer's checksums, the
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
@@ -44,6 +48,7 @@ FORMAT, FORMAT_VERSION = "vla-checkpoint", 1
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
 MAX_VOCABULARY = 100_000  # words of the training instructions
 MAX_ERROR_CHARS = 300  # values quoted in errors are cut to this
+ENSEMBLE_FORMAT, ENSEMBLE_FILE, MAX_MEMBERS = "vla-ensemble", "ensemble.json", 8
 
 
 class CheckpointError(ValueError):
@@ -158,11 +163,48 @@ def read_meta(path: str | Path) -> dict:
 
 
 def trained_tasks(path: str | Path) -> list[str]:
-    """The tasks a checkpoint was trained on (recorded by `vla train`), without loading the model."""
-    training = read_meta(path).get("training")
+    """The tasks a checkpoint (or an ensemble's first member) was trained on (recorded by `vla train`),
+    without loading the model."""
+    training = read_meta((ensemble_members(path) or [path])[0]).get("training")
     data = training.get("data") if isinstance(training, dict) else None
     tasks = data.get("tasks") if isinstance(data, dict) else None
     return [str(t) for t in tasks] if isinstance(tasks, list) and tasks else ["reach"]
+
+
+def ensemble_members(path: str | Path) -> list[Path]:
+    """The member checkpoints of an ensemble directory, [] for a single checkpoint."""
+    file = Path(path) / ENSEMBLE_FILE
+    if not file.is_file():
+        return []
+    try:
+        meta = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{file}: not valid JSON ({exc})") from None
+    members = meta.get("members") if isinstance(meta, dict) else None
+    if not (isinstance(meta, dict) and meta.get("format") == ENSEMBLE_FORMAT and isinstance(members, list)
+            and 1 <= len(members) <= MAX_MEMBERS
+            and all(isinstance(m, str) and m.startswith("member_") and Path(m).name == m for m in members)):
+        raise CheckpointError(f"{file}: not a VLA ensemble (format {ENSEMBLE_FORMAT!r} and 1-{MAX_MEMBERS} "
+                              f"member_* directory names), got {_quote(meta)}")
+    return [Path(path) / m for m in members]
+
+
+def save_ensemble(path: str | Path, checkpoints: list[str | Path]) -> Path:
+    """An ensemble directory holding copies of `checkpoints`, which must take the same observations
+    and predict chunks of the same length (replacing one already there once complete)."""
+    if not 2 <= len(checkpoints) <= MAX_MEMBERS:
+        raise CheckpointError(f"an ensemble takes 2-{MAX_MEMBERS} checkpoints, got {len(checkpoints)}")
+    models = [from_dict(ModelConfig, read_meta(c)["model"]) for c in checkpoints]
+    for checkpoint, model in zip(checkpoints[1:], models[1:]):
+        if (model.spec, model.chunk) != (models[0].spec, models[0].chunk):
+            raise CheckpointError(f"{checkpoint}: takes other observations or predicts chunks of another length "
+                                  f"than {checkpoints[0]}; an ensemble's members must agree")
+    names = [f"member_{i}" for i in range(len(checkpoints))]
+    with atomic_directory(path) as staging:
+        for name, checkpoint in zip(names, checkpoints):
+            shutil.copytree(checkpoint, staging / name)
+        (staging / ENSEMBLE_FILE).write_text(json.dumps({"format": ENSEMBLE_FORMAT, "members": names}, indent=1))
+    return Path(path)
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[VLAModel, Processor]:

@@ -3,6 +3,8 @@
     runtime = load_runtime(checkpoint, backend="torch" | "onnx", device="cpu" | "cuda")
     chunks = runtime.predict(observations)      # float32[B, k, 7]; observations: dict or list
     runtime.name                                # what ran, e.g. "torch cuda-graph bf16, parallel"
+
+An ensemble checkpoint (vla.model.checkpoint.save_ensemble) runs every member and averages their chunks.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vla.model.checkpoint import load_checkpoint
+from vla.model.checkpoint import CheckpointError, ensemble_members, load_checkpoint
 from vla.model.model import VLAModel
 from vla.model.processor import Processor
 
@@ -31,6 +33,26 @@ class Runtime:
         """Observations (vla.contracts; images of any size) -> action chunks float32[B, k, 7],
         always inside the action limits. ValueError for an unusable observation."""
         return self.processor.actions(self.decode(self.processor.inputs(observations, self.device)))
+
+
+class EnsembleRuntime:
+    """Members' runtimes on the same observations, their chunks averaged: policies trained apart (seeds,
+    data) err apart, and their mean less (docs/all-tasks-cpu.md). Speaks for the first member otherwise
+    (its processor, config and chunk length, which the others share)."""
+
+    def __init__(self, members: list[Runtime]):
+        first = members[0]
+        for member in members[1:]:
+            if (member.config.spec, member.chunk) != (first.config.spec, first.chunk):
+                raise CheckpointError("an ensemble's members must take the same observations and predict chunks "
+                                      "of the same length")
+        self.members, self.processor, self.device = members, first.processor, first.device
+        self.config, self.chunk = first.config, first.chunk
+        self.name = f"ensemble of {len(members)}, {first.name}"
+
+    def predict(self, observations: dict | list[dict]) -> np.ndarray:
+        """As Runtime.predict: the mean of chunks inside the limits is inside them."""
+        return np.mean([member.predict(observations) for member in self.members], axis=0, dtype=np.float32)
 
 
 def torch_runtime(
@@ -67,8 +89,9 @@ def load_runtime(
     onnx: str | Path | None = None,
     cuda_graphs: bool = True,
     threads: int = 0,
-) -> Runtime:
-    """`onnx` defaults to <checkpoint>/model.onnx (written by `vla export`). `threads`: intra-op
+) -> Runtime | EnsembleRuntime:
+    """`onnx` defaults to <checkpoint>/model.onnx (written by `vla export`; an ensemble's members each
+    have theirs, and take no `onnx`). `threads`: intra-op
     threads for CPU inference, torch's (process-wide) or the onnxruntime session's; 0 keeps the
     backend's default. On a CPU shared with other busy processes, 1 avoids busy-waiting workers."""
     if backend not in BACKENDS:
@@ -76,6 +99,11 @@ def load_runtime(
     if threads < 0:
         raise ValueError(f"threads must be >= 0 (0: the backend's default), got {threads}")
     device = resolve_device(device)
+    members = ensemble_members(checkpoint)
+    if members:
+        if onnx is not None:
+            raise ValueError(f"{checkpoint} is an ensemble: each member runs its own model.onnx, no other")
+        return EnsembleRuntime([load_runtime(m, backend, device, decoder, None, cuda_graphs, threads) for m in members])
     if backend == "onnx":
         from vla.runtime.onnx_backend import OnnxDecoder, open_session
 

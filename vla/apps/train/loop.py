@@ -37,7 +37,7 @@ from vla.apps.train.data import BatchSchedule, collate, ensure_corrections, ensu
 from vla.apps.train.recipe import FinetuneConfig, OptimConfig, TrainConfig, is_recipe, load_config
 from vla.apps.train.state import latest_checkpoint, load_training_state, save_training_state, step_checkpoints
 from vla.config import ConfigError, to_dict
-from vla.model.checkpoint import create, load_checkpoint, read_meta, save_checkpoint
+from vla.model.checkpoint import create, load_checkpoint, read_meta, save_checkpoint, trained_tasks
 from vla.model.finetune import apply_lora, enable_gradient_checkpointing, merge_lora, merged_copy
 from vla.model.model import VLAModel
 from vla.model.processor import Processor
@@ -182,7 +182,7 @@ def train(config: TrainConfig, index=None, resume: str | Path | None = None, pro
     `resume` is a step checkpoint directory, or "latest" for the newest complete one in out_dir."""
     init = initial_checkpoint(config, progress)
     if config.data.corrections.policy:
-        read_meta(config.data.corrections.policy)  # as init's: a clear error before the demonstrations are recorded
+        trained_tasks(config.data.corrections.policy)  # as init's: a clear error before the demonstrations are recorded
     procs = setup_processes(config)
     out_dir = Path(config.out_dir)
     if config.threads:

@@ -36,7 +36,7 @@ from sim import language
 from vla.apps.train.recipe import load_config
 from vla.config import from_dict
 from vla.model import ModelConfig, VLAModel, create
-from vla.model.checkpoint import read_meta, save_checkpoint, untrained_stats
+from vla.model.checkpoint import ensemble_members, read_meta, save_checkpoint, untrained_stats
 from vla.model.random_backbones import save_random_vlm
 from vla.runtime import Runtime, load_runtime
 from vla.runtime.export import export_onnx
@@ -142,7 +142,9 @@ def make_vlm_checkpoint(directory: Path, scale: str) -> Path:
 
 
 def checkpoint_to_time(shipped: Path, work: Path) -> tuple[Path, str]:
-    """The checkpoint if it has both decoders, else a random-weight model of its config that has."""
+    """The checkpoint (an ensemble's first member: the ensemble takes the sum of its members') if it has
+    both decoders, else a random-weight model of its config that has."""
+    shipped = (ensemble_members(shipped) or [shipped])[0]
     if not (shipped / "config.json").is_file():
         return make_checkpoint(work / "default", ModelConfig()), "default (random)"
     config = from_dict(ModelConfig, read_meta(shipped)["model"])

@@ -27,7 +27,7 @@ from vla.apps.replay import replay
 from vla.apps.train import loop
 from vla.apps.train.data import BatchSchedule, ensure_dataset, noisy_instruction, open_dataset, random_shift, rephrased
 from vla.apps.train.loop import TrainingError, busy_warning, other_busy_cores, train, weight_average
-from vla.apps.train.recipe import TrainConfig, load_config
+from vla.apps.train.recipe import EnsembleRecipe, TrainConfig, load_config, load_recipe
 from vla.cli import main as vla_main
 from vla.config import ConfigError
 from vla.contracts import ACTION_HIGH, ACTION_LOW
@@ -35,7 +35,7 @@ from vla.data.dataset import load_manifest
 from vla.data.index import EpisodeIndex
 from vla.data.reader import read_episode
 from vla.model import ModelConfig, create
-from vla.model.checkpoint import CheckpointError, load_checkpoint, untrained_stats
+from vla.model.checkpoint import CheckpointError, ensemble_members, load_checkpoint, untrained_stats
 
 TINY_MODEL = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64, "vision_width": 16,
               "max_text_tokens": 8, "chunk": 2, "decoders": ["parallel", "autoregressive"]}
@@ -111,8 +111,9 @@ def test_shipped_recipes_load():
     recipes = sorted(Path("policies/configs").glob("*.yaml"))
     assert len(recipes) >= 4
     for path in recipes:
-        config = load_config(path)
-        assert config.model.chunk >= 1 and config.data.tasks, path
+        recipe = load_recipe(path)
+        for config in recipe.member_configs() if isinstance(recipe, EnsembleRecipe) else [recipe]:
+            assert config.model.chunk >= 1 and config.data.tasks, path
 
 
 def test_noisy_instructions_keep_every_word_in_order_and_add_one_or_two():
@@ -347,6 +348,29 @@ def test_randomize_tasks_records_only_those_tasks_randomized(tmp_path):
         ensure_dataset(load_config("policies/configs/quickstart-cpu.yaml", overrides[:-1]))
 
 
+def test_an_ensemble_recipe_trains_each_member_then_bundles_them(tmp_path, capsys):
+    """`vla train` on an ensemble recipe: each member's run of one recipe (with its own overrides),
+    then one checkpoint holding both; a rerun trains nothing again."""
+    base = {"model": TINY_MODEL, "data": {"dataset": str(tmp_path / "data"), "tasks": ["reach"],
+                                          "collect": {"episodes": 2, "workers": 1}},
+            "optim": {"steps": 2, "batch_size": 4}, "eval": {"episodes": 0}, "save_every": 10, "threads": 1}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    members = [[f"out_dir={tmp_path / 'a'}"], [f"out_dir={tmp_path / 'b'}", "seed=1"]]
+    ensemble = {"recipe": str(tmp_path / "base.yaml"), "members": members, "out": str(tmp_path / "ensemble")}
+    (tmp_path / "ensemble.yaml").write_text(yaml.safe_dump({"ensemble": ensemble}))
+    command = ["train", "--config", str(tmp_path / "ensemble.yaml"), "--no-progress"]
+    assert vla_main(command) == 0
+    assert capsys.readouterr().out.count("training it first") == 2
+    bundled = ensemble_members(tmp_path / "ensemble")
+    for member, run in zip(bundled, ("a", "b"), strict=True):
+        weights = (member / "model.safetensors", tmp_path / run / "final" / "model.safetensors")
+        assert weights[0].read_bytes() == weights[1].read_bytes()
+    assert vla_main(command) == 0 and "training it first" not in capsys.readouterr().out
+    (tmp_path / "same.yaml").write_text(yaml.safe_dump({"ensemble": {**ensemble, "members": [[], ["seed=1"]]}}))
+    assert vla_main(["train", "--config", str(tmp_path / "same.yaml")]) == 2
+    assert "each member needs its own out_dir" in capsys.readouterr().err
+
+
 def test_a_recipe_from_init_trains_that_recipe_first_then_on_its_corrections(tmp_path, capsys):
     """DAgger in one command: `init` names a recipe, which is trained first; its final checkpoint then
     drives the corrections' first steps, and training starts from its weights."""
@@ -361,7 +385,7 @@ def test_a_recipe_from_init_trains_that_recipe_first_then_on_its_corrections(tmp
             "out_dir": str(tmp_path / "then"), "save_every": 10, "threads": 1}
     (tmp_path / "then.yaml").write_text(yaml.safe_dump(then))
     assert vla_main(["train", "--config", str(tmp_path / "then.yaml"), "--no-progress"]) == 0
-    assert "training " + str(tmp_path / "first.yaml") + " first" in capsys.readouterr().out
+    assert f"{tmp_path / 'first' / 'final'} not found; training it first" in capsys.readouterr().out
     recorded = json.loads((tmp_path / "then" / "corrections" / "manifest.json").read_text())["episodes"]
     assert [e["seed"] for e in recorded] == [500_000, 500_001]  # their own seeds, never evaluation's
     assert all(0 <= e["expert_from"] <= 6 and e["policy"] == str(tmp_path / "first" / "final") for e in recorded)

@@ -3,7 +3,8 @@ VLA policy from a YAML recipe (recipe), on a dataset it records first if the rec
 resumable exactly (state), in one process or under torchrun (loop). A recipe with `init` starts from
 another run's weights (that recipe is trained first when its run has no final checkpoint) and may
 record DAgger corrections with them first (`data.corrections`; with `data.corrections.policy`, a
-checkpoint records them for a model trained from scratch):
+checkpoint records them for a model trained from scratch). An ensemble recipe (a single `ensemble`
+section) trains several runs of one recipe and bundles them into one checkpoint:
 
     torchrun --nproc_per_node N -m vla.apps.train --config policies/configs/full-gpu.yaml   (DDP)
 """
@@ -13,8 +14,8 @@ import argparse
 
 from torch import distributed as dist
 
-from vla.apps.train.loop import train
-from vla.apps.train.recipe import load_config
+from vla.apps.train.loop import train, train_ensemble
+from vla.apps.train.recipe import EnsembleRecipe, load_recipe
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +33,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    train(load_config(args.config, args.override), resume=args.resume, progress=not args.no_progress)
+    recipe = load_recipe(args.config, args.override)
+    if isinstance(recipe, EnsembleRecipe):
+        if args.resume not in (None, "latest"):
+            raise ValueError("--resume STEP_DIR names one run's checkpoint; an ensemble resumes each member itself")
+        train_ensemble(recipe, progress=not args.no_progress)
+    else:
+        train(recipe, resume=args.resume, progress=not args.no_progress)
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0

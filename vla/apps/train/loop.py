@@ -34,10 +34,10 @@ from vla.apps import JobError
 from vla.apps.curve import draw as draw_learning_curve
 from vla.apps.rollout import TRAINING_EVAL_SEED_OFFSET, by_task, run_episodes, success_rate
 from vla.apps.train.data import BatchSchedule, collate, ensure_corrections, ensure_dataset, open_dataset
-from vla.apps.train.recipe import FinetuneConfig, OptimConfig, TrainConfig, is_recipe, load_config
+from vla.apps.train.recipe import EnsembleRecipe, FinetuneConfig, OptimConfig, TrainConfig, is_recipe, load_config
 from vla.apps.train.state import latest_checkpoint, load_training_state, save_training_state, step_checkpoints
 from vla.config import ConfigError, to_dict
-from vla.model.checkpoint import create, load_checkpoint, read_meta, save_checkpoint, trained_tasks
+from vla.model.checkpoint import create, load_checkpoint, read_meta, save_checkpoint, save_ensemble, trained_tasks
 from vla.model.finetune import apply_lora, enable_gradient_checkpointing, merge_lora, merged_copy
 from vla.model.model import VLAModel
 from vla.model.processor import Processor
@@ -312,13 +312,26 @@ def initial_checkpoint(config: TrainConfig, progress: bool) -> Path | None:
     if not is_recipe(config.init):
         read_meta(config.init)  # a clear error now, before anything is recorded with it
         return Path(config.init)
-    first = load_config(config.init)
-    final = Path(first.out_dir) / "final"
+    return final_checkpoint(load_config(config.init), progress)
+
+
+def final_checkpoint(config: TrainConfig, progress: bool) -> Path:
+    """The final checkpoint of `config`'s run, which is trained first when it has none (resumed if it
+    was interrupted)."""
+    final = Path(config.out_dir) / "final"
     if not final.is_dir():  # saved atomically: present means complete
-        print(f"init: {final} not found; training {config.init} first")
-        resume = "latest" if step_checkpoints(Path(first.out_dir)) else None
-        train(first, resume=resume, progress=progress)
+        print(f"{final} not found; training it first")
+        resume = "latest" if step_checkpoints(Path(config.out_dir)) else None
+        train(config, resume=resume, progress=progress)
     return final
+
+
+def train_ensemble(recipe: EnsembleRecipe, progress: bool = True) -> Path:
+    """Each member's run (those without a final checkpoint), then the ensemble of their final checkpoints."""
+    finals = [final_checkpoint(config, progress) for config in recipe.member_configs()]
+    out = save_ensemble(recipe.out, finals)
+    print(f"ensemble of {len(finals)}: {out}")
+    return out
 
 
 def load_same_model(path: Path, config: TrainConfig, advice: str) -> tuple[VLAModel, Processor]:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from sim import TASKS
 from sim.config import MAX_PUSH_TOLERANCE, PUSH_TOLERANCE, randomization
-from vla.config import apply_overrides, from_dict, read_yaml, to_dict
-from vla.model.checkpoint import read_meta
+from vla.config import ConfigError, apply_overrides, from_dict, read_yaml, to_dict
+from vla.model.checkpoint import MAX_MEMBERS, read_meta
 from vla.model.config import ModelConfig
 
 
@@ -210,6 +210,36 @@ class TrainConfig:
             raise ValueError("finetune.lm: lora needs a pretrained LM (model.pretrained)")
         if f.lora_rank <= 0 or f.lora_alpha <= 0:
             raise ValueError("finetune.lora_rank and finetune.lora_alpha must be positive")
+
+
+@dataclass
+class EnsembleRecipe:
+    """Runs of one recipe, each with its own overrides (its own out_dir at least), bundled into one
+    checkpoint that plays the mean of their action chunks (vla.model.checkpoint.save_ensemble)."""
+
+    recipe: str  # the YAML recipe every member runs
+    members: list[list[str]] = field(default_factory=list)  # each member's `key=value` overrides of it
+    out: str = ""  # the ensemble checkpoint directory
+
+    def __post_init__(self):
+        if not 2 <= len(self.members) <= MAX_MEMBERS or not self.out:
+            raise ValueError(f"an ensemble recipe needs 2-{MAX_MEMBERS} members and an out directory")
+
+    def member_configs(self) -> list[TrainConfig]:
+        configs = [load_config(self.recipe, overrides) for overrides in self.members]
+        if len({config.out_dir for config in configs}) < len(configs):
+            raise ConfigError("ensemble.members: each member needs its own out_dir (-o out_dir=...)")
+        return configs
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> TrainConfig | EnsembleRecipe:
+    """The recipe at `path`: a training run's, or with a single `ensemble` section, an ensemble's."""
+    values = apply_overrides(read_yaml(path), overrides)
+    if "ensemble" in values:
+        if len(values) > 1:
+            raise ConfigError(f"{path}: an ensemble recipe holds only its `ensemble` section")
+        return from_dict(EnsembleRecipe, values["ensemble"], f"{path}: ensemble")
+    return load_config(path, overrides)
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:

@@ -227,6 +227,8 @@ def test_an_ensemble_acts_as_the_mean_of_its_members_and_exports_each(saved, tin
     np.testing.assert_allclose(runtime.predict(obs), np.mean(members, axis=0), rtol=0, atol=1e-6)
     assert not np.allclose(members[0], members[1])  # the mean is not one member's
     assert runtime.chunk == saved[0].config.chunk and trained_tasks(ensemble) == ["reach"]
+    with pytest.raises(CheckpointError, match="an ensemble of checkpoints, not one"):
+        load_checkpoint(ensemble)  # e.g. a recipe's init: one set of weights
     assert vla(["export", "--checkpoint", str(ensemble), "--samples", "2"]) == 0
     assert (ensemble / "member_0" / "model.onnx").is_file() and (ensemble / "member_1" / "model.onnx").is_file()
     onnx = load_runtime(ensemble, backend="onnx", device="cpu")

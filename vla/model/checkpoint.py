@@ -144,6 +144,9 @@ def read_meta(path: str | Path) -> dict:
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory")
     file = path / CONFIG_FILE
+    if not file.is_file() and (path / ENSEMBLE_FILE).is_file():
+        raise CheckpointError(f"{path}: an ensemble of checkpoints, not one; name one of its members "
+                              f"({path / 'member_0'}, ...) where a single one is needed")
     if not file.is_file():
         raise CheckpointError(f"{file}: missing (not a checkpoint directory, or an interrupted save)")
     try:

@@ -240,6 +240,9 @@ def test_an_ensemble_acts_as_the_mean_of_its_members_and_exports_each(saved, tin
     (ensemble / "ensemble.json").write_text('{"format": "vla-ensemble", "members": ["../other"]}')
     with pytest.raises(CheckpointError, match="not a VLA ensemble"):
         load_runtime(ensemble, device="cpu")
+    shipped = [CHECKPOINT_DIR / "reach-quickstart", CHECKPOINT_DIR / "default" / "member_0"]  # alike but for tasks
+    with pytest.raises(CheckpointError, match="trained on other tasks"):
+        save_ensemble(tmp_path / "tasks", shipped)
     assert vla(["ensemble", "--out", str(tmp_path / "one"), str(other)]) == 2
     assert "2-8 checkpoints" in capsys.readouterr().err
 

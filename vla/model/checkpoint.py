@@ -193,15 +193,17 @@ def ensemble_members(path: str | Path) -> list[Path]:
 
 
 def save_ensemble(path: str | Path, checkpoints: list[str | Path]) -> Path:
-    """An ensemble directory holding copies of `checkpoints`, which must take the same observations
-    and predict chunks of the same length (replacing one already there once complete)."""
+    """An ensemble directory holding copies of `checkpoints`, which must be trained on the same tasks,
+    take the same observations and predict chunks of the same length (replacing one already there once
+    complete)."""
     if not 2 <= len(checkpoints) <= MAX_MEMBERS:
         raise CheckpointError(f"an ensemble takes 2-{MAX_MEMBERS} checkpoints, got {len(checkpoints)}")
     models = [from_dict(ModelConfig, read_meta(c)["model"]) for c in checkpoints]
     for checkpoint, model in zip(checkpoints[1:], models[1:]):
-        if (model.spec, model.chunk) != (models[0].spec, models[0].chunk):
-            raise CheckpointError(f"{checkpoint}: takes other observations or predicts chunks of another length "
-                                  f"than {checkpoints[0]}; an ensemble's members must agree")
+        if (model.spec, model.chunk, trained_tasks(checkpoint)) != (
+                models[0].spec, models[0].chunk, trained_tasks(checkpoints[0])):
+            raise CheckpointError(f"{checkpoint}: trained on other tasks, or takes other observations or predicts "
+                                  f"chunks of another length than {checkpoints[0]}; an ensemble's members must agree")
     names = [f"member_{i}" for i in range(len(checkpoints))]
     with atomic_directory(path) as staging:
         for name, checkpoint in zip(names, checkpoints):

@@ -237,6 +237,10 @@ def test_an_ensemble_acts_as_the_mean_of_its_members_and_exports_each(saved, tin
     longer, longer_processor = tiny_model(chunk=3)
     with pytest.raises(CheckpointError, match="must agree"):
         save_ensemble(tmp_path / "mixed", [saved[2], save_checkpoint(tmp_path / "longer", longer, longer_processor)])
+    shutil.rmtree(ensemble / "member_1")  # a member replaced on disk after the ensemble was saved
+    shutil.copytree(tmp_path / "longer", ensemble / "member_1")
+    with pytest.raises(CheckpointError, match="must agree"):
+        load_runtime(ensemble, device="cpu")
     (ensemble / "ensemble.json").write_text('{"format": "vla-ensemble", "members": ["../other"]}')
     with pytest.raises(CheckpointError, match="not a VLA ensemble"):
         load_runtime(ensemble, device="cpu")

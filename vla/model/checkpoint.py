@@ -189,7 +189,23 @@ def ensemble_members(path: str | Path) -> list[Path]:
             and all(isinstance(m, str) and m.startswith("member_") and Path(m).name == m for m in members)):
         raise CheckpointError(f"{file}: not a VLA ensemble (format {ENSEMBLE_FORMAT!r} and 1-{MAX_MEMBERS} "
                               f"member_* directory names), got {_quote(meta)}")
-    return [Path(path) / m for m in members]
+    members = [Path(path) / m for m in members]
+    _check_alike(members)  # on disk, members may have been replaced since the ensemble was saved
+    return members
+
+
+def _check_alike(checkpoints: list[str | Path]) -> None:
+    """Ensemble members must be trained on the same tasks, take the same observations and predict
+    chunks of the same length."""
+    def signature(checkpoint):
+        model = from_dict(ModelConfig, read_meta(checkpoint)["model"])
+        return model.spec, model.chunk, trained_tasks(checkpoint)
+
+    first = signature(checkpoints[0])
+    for checkpoint in checkpoints[1:]:
+        if signature(checkpoint) != first:
+            raise CheckpointError(f"{checkpoint}: trained on other tasks, or takes other observations or predicts "
+                                  f"chunks of another length than {checkpoints[0]}; an ensemble's members must agree")
 
 
 def save_ensemble(path: str | Path, checkpoints: list[str | Path]) -> Path:
@@ -198,12 +214,7 @@ def save_ensemble(path: str | Path, checkpoints: list[str | Path]) -> Path:
     complete)."""
     if not 2 <= len(checkpoints) <= MAX_MEMBERS:
         raise CheckpointError(f"an ensemble takes 2-{MAX_MEMBERS} checkpoints, got {len(checkpoints)}")
-    models = [from_dict(ModelConfig, read_meta(c)["model"]) for c in checkpoints]
-    for checkpoint, model in zip(checkpoints[1:], models[1:]):
-        if (model.spec, model.chunk, trained_tasks(checkpoint)) != (
-                models[0].spec, models[0].chunk, trained_tasks(checkpoints[0])):
-            raise CheckpointError(f"{checkpoint}: trained on other tasks, or takes other observations or predicts "
-                                  f"chunks of another length than {checkpoints[0]}; an ensemble's members must agree")
+    _check_alike(checkpoints)
     names = [f"member_{i}" for i in range(len(checkpoints))]
     with atomic_directory(path) as staging:
         for name, checkpoint in zip(names, checkpoints):
